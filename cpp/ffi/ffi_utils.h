@@ -1,0 +1,37 @@
+// Helpers shared by the FFI handlers: argument checks with readable messages, CUDA errors as
+// FFI errors.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flashmla {
+
+namespace ffi = xla::ffi;
+
+inline std::string shape_string(ffi::Span<const int64_t> dims) {
+  std::ostringstream s;
+  s << '[';
+  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << ']';
+  return s.str();
+}
+
+// Any CUDA error left by the launches of `op` becomes an FFI error that names it.
+inline ffi::Error cuda_status(const char* op) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jax_flashmla ") + op + ": CUDA error " +
+                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+inline ffi::Error invalid_argument(const char* op, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string("jax_flashmla ") + op + ": " + what);
+}
+
+}  // namespace jax_flashmla

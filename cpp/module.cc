@@ -1,0 +1,34 @@
+// nanobind module: the FFI handlers as capsules for jax.ffi.register_ffi_target, and what the
+// extension was built against.
+#include <cuda_runtime_api.h>
+#include <nanobind/nanobind.h>
+
+#include "ffi/handlers.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename Fn>
+nb::capsule handler_capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler takes a call frame and returns an error");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_flashmla_cuda, m) {
+  m.doc() = "jax_flashmla CUDA kernels as XLA FFI handlers (sm_90a)";
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets[jax_flashmla::kMetadataTarget] = handler_capsule(JaxFlashmlaMlaMetadata);
+    return targets;
+  }, "Custom-call target name -> FFI handler capsule, for platform CUDA.");
+  m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },
+        "(major, minor) XLA FFI API version of the headers this extension was compiled with.");
+  m.def("cuda_arch", []() { return JAX_FLASHMLA_CUDA_ARCH; }, "GPU architecture the kernels were compiled for.");
+  m.def("cuda_runtime_version", []() { return CUDART_VERSION; },
+        "CUDA runtime version the extension was compiled against (linked statically).");
+}
