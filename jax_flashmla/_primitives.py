@@ -58,6 +58,18 @@ def _register_lowerings(prim: Primitive, xla_fn, cuda_rule, target: str) -> None
     mlir.register_lowering(prim, cuda_or_pure, platform="cuda")
 
 
+def _reject_varying_manual_axes(name: str, *avals) -> None:
+    """Inside ``jax.shard_map(check_vma=True)`` inputs carry varying manual axes, which these
+    primitives do not propagate; say so instead of failing later inside the lowering."""
+    for aval in avals:
+        varying = getattr(getattr(aval, "mat", None), "varying", None)
+        if varying:
+            raise NotImplementedError(
+                f"jax_flashmla: {name} inside jax.shard_map needs check_vma=False (its inputs vary "
+                f"over manual axes {sorted(map(str, varying))}, and the op does not track them)"
+            )
+
+
 def _define(name: str) -> Primitive:
     prim = Primitive(name)
     prim.multiple_results = True
@@ -73,6 +85,7 @@ metadata_p = _define("jax_flashmla_mla_metadata")
 
 def _metadata_abstract_eval(cache_seqlens, *, num_parts, implementation):
     del implementation
+    _reject_varying_manual_axes("get_mla_metadata", cache_seqlens)
     *lead, b = cache_seqlens.shape
     return (
         jax.core.ShapedArray((*lead, num_parts, METADATA_COLS), jnp.int32),
@@ -110,6 +123,7 @@ decode_p = _define("jax_flashmla_mla_decode")
 
 
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, metadata, num_splits, *, head_dim_v, **_):
+    _reject_varying_manual_axes("flash_mla_with_kvcache", q, k_cache, block_table, cache_seqlens, metadata, num_splits)
     b, s_q, h_q, _ = q.shape
     return (
         jax.core.ShapedArray((b, s_q, h_q, head_dim_v), q.dtype),
@@ -154,10 +168,10 @@ def _decode_batch(args, dims, **params):
     computes the same attention (up to the rounding of split merging) in one launch.
     """
     q, k_cache, block_table, cache_seqlens, metadata, _ = args
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
     def leading(x, dim):
-        if dim is batching.not_mapped:
+        if dim is None:
             return jnp.broadcast_to(x, (size, *x.shape))
         return jnp.moveaxis(x, dim, 0)
 
@@ -166,7 +180,7 @@ def _decode_batch(args, dims, **params):
     block_table = leading(block_table, btd)
     cache_seqlens = leading(cache_seqlens, sd)
     n, b = q.shape[:2]
-    if kd is not batching.not_mapped:
+    if kd is not None:
         # Each mapped element has its own cache: stack them and shift its page ids. Ids outside
         # an element's own cache must stay invalid after folding, so they become -1.
         k_cache = jnp.moveaxis(k_cache, kd, 0)

@@ -20,7 +20,9 @@ Numerics shared with the kernels:
 - a row with no visible key has ``l = 0``: output 0 and base-2 LSE -inf; the final natural
   LSE is +inf there;
 - a length outside ``[0, 64 * max_blocks_per_seq]`` or a page id outside ``[0, num_blocks)``
-  for a block that holds tokens yields NaN for that request instead of reading out of bounds.
+  for a block that holds tokens yields NaN for that request instead of reading out of bounds;
+  every "is this row empty" test is written as ``== 0`` / ``== -inf`` so that such a NaN
+  propagates to the output rather than being mistaken for an empty row.
 """
 
 from __future__ import annotations
@@ -131,9 +133,11 @@ def split_kv_attention(
 
         piece_end = jnp.where(req == last_req, last_end, nblk[r])
         finish = active & (blk + 1 == piece_end)
-        has_keys = l > 0
-        o_piece = jnp.where(has_keys[..., None], o / jnp.where(has_keys, l, 1.0)[..., None], 0.0)
-        lse_piece = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+        # ``l != 0`` rather than ``l > 0``: a NaN (a page id out of range) must stay NaN.
+        no_keys = l == 0
+        l_safe = jnp.where(no_keys, 1.0, l)
+        o_piece = jnp.where(no_keys[..., None], 0.0, o / l_safe[..., None])
+        lse_piece = jnp.where(no_keys, -jnp.inf, m + jnp.log2(l_safe))
         target = jnp.where(finish, slot, no_slot)
         acc_o = acc_o.at[target].set(o_piece, mode="drop")
         acc_lse = acc_lse.at[target].set(lse_piece, mode="drop")
@@ -186,9 +190,11 @@ def combine(out_accum, lse_accum, num_splits, cache_seqlens, max_blocks_per_seq)
     lse_max = jax.ops.segment_max(lse_accum, seg, num_segments=b)
     lse_ref = jnp.where(jnp.isfinite(lse_max), lse_max, 0.0)
     total = jax.ops.segment_sum(jnp.exp2(lse_accum - lse_ref[seg_c]), seg, num_segments=b)
-    lse2 = jnp.where(total > 0, lse_ref + jnp.log2(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    # Emptiness is tested as == 0 / == -inf so that a NaN (invalid data) propagates.
+    empty = total == 0
+    lse2 = jnp.where(empty, -jnp.inf, lse_ref + jnp.log2(jnp.where(empty, 1.0, total)))
     lse2_slot = lse2[seg_c]
-    w = jnp.where(jnp.isfinite(lse2_slot), jnp.exp2(lse_accum - lse2_slot), 0.0)
+    w = jnp.where(lse2_slot == -jnp.inf, 0.0, jnp.exp2(lse_accum - lse2_slot))
     out = jax.ops.segment_sum(w[..., None] * out_accum, seg, num_segments=b)
     lse = jnp.where(lse2 == -jnp.inf, jnp.inf, lse2 * _LN2)
     bad_len = (cache_seqlens < 0) | (cache_seqlens > max_blocks_per_seq * BLOCK_N)
