@@ -19,12 +19,13 @@ def _fail(exc, op: str, msg: str):
 
 
 def array(op: str, name: str, x, rank: int, layout: str):
-    """Checks that ``x`` is an array of ``rank`` dims; returns it as a jax array (no cast)."""
+    """Checks that ``x`` is an array of ``rank`` dims. It is returned as given: dtype checks must
+    see the caller's dtype (``jnp.asarray`` would turn int64 into int32 without x64)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         _fail(TypeError, op, f"{name} must be an array of shape {layout}; got {type(x).__name__}")
     if len(x.shape) != rank:
         _fail(ValueError, op, f"{name} must have shape {layout} (rank {rank}); got {name}.shape={tuple(x.shape)}")
-    return jnp.asarray(x)
+    return x
 
 
 def int32(op: str, name: str, x, layout: str):
@@ -58,7 +59,7 @@ def metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, num_sm, i
     if num_sm is not None:
         num_sm = static_int(op, "num_sm", num_sm)
     implementation(op, impl)
-    return cache_seqlens, rows, h_kv, num_sm
+    return jnp.asarray(cache_seqlens), rows, h_kv, num_sm
 
 
 def softmax_scale(op: str, value, default: float) -> float:
@@ -120,4 +121,5 @@ def decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, metadata, nu
         _fail(TypeError, op, f"causal must be a Python bool; got {type(causal).__name__}")
     implementation(op, impl)
     scale = softmax_scale(op, scale, d**-0.5)
-    return q, k_cache, block_table, cache_seqlens, metadata, num_splits, scale, bool(causal)
+    arrays = (q, k_cache, block_table, cache_seqlens, metadata, num_splits)
+    return (*map(jnp.asarray, arrays), scale, bool(causal))
