@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <sstream>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -14,12 +13,11 @@ namespace jax_flashmla {
 
 namespace ffi = xla::ffi;
 
+// Only called on error paths: formatting stays off the per-call path.
 inline std::string shape_string(ffi::Span<const int64_t> dims) {
-  std::ostringstream s;
-  s << '[';
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << ']';
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
 }
 
 // Any CUDA error left by the launches of `op` becomes an FFI error that names it.

@@ -22,24 +22,24 @@ ffi::Error MlaMetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seql
   const auto seq = cache_seqlens.dimensions();
   const auto meta = metadata->dimensions();
   const auto splits = num_splits->dimensions();
-  const std::string shapes = "cache_seqlens " + shape_string(seq) + ", metadata " +
-                             shape_string(meta) + ", num_splits " + shape_string(splits);
+  auto bad_shapes = [&](const std::string& what) {
+    return invalid_argument(kOp, what + "; got cache_seqlens " + shape_string(seq) + ", metadata " +
+                                     shape_string(meta) + ", num_splits " + shape_string(splits));
+  };
   if (seq.size() < 1 || meta.size() != seq.size() + 1 || splits.size() != seq.size()) {
-    return invalid_argument(kOp, "expected cache_seqlens [..., b], metadata [..., P, " +
-                                     std::to_string(kMetadataCols) + "], num_splits [..., b + 1]; got " + shapes);
+    return bad_shapes("expected cache_seqlens [..., b], metadata [..., P, " +
+                      std::to_string(kMetadataCols) + "], num_splits [..., b + 1]");
   }
   int64_t schedules = 1;
   for (size_t i = 0; i + 1 < seq.size(); ++i) {
-    if (meta[i] != seq[i] || splits[i] != seq[i]) {
-      return invalid_argument(kOp, "leading dims differ: " + shapes);
-    }
+    if (meta[i] != seq[i] || splits[i] != seq[i]) return bad_shapes("leading dims differ");
     schedules *= seq[i];
   }
   const int64_t batch = seq.back();
   const int64_t parts = meta[meta.size() - 2];
   if (meta.back() != kMetadataCols || splits.back() != batch + 1 || parts < 1 ||
       batch > INT32_MAX - 1 || parts > INT32_MAX || schedules > INT32_MAX) {
-    return invalid_argument(kOp, "bad sizes: " + shapes);
+    return bad_shapes("bad sizes");
   }
 
   MetadataParams params;
