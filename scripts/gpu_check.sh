@@ -22,7 +22,7 @@ start=$(date +%s)
 JAX_FLASHMLA_CUDA=ON python3 -m pip install -v --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
 status[build]=$?
 echo "build rc=${status[build]} in $(( $(date +%s) - start ))s"; grep -E "jax_flashmla:|error" "$OUT/build.log" | head -20
-python3 -c "import jax, jax_flashmla as jf; print(jf.build_info()); d = jax.devices()[0]; print(d, getattr(d, 'core_count', None), getattr(d, 'compute_capability', None))" 2>&1 | tee "$OUT/info.txt"
+python3 -P -c "import jax, jax_flashmla as jf; print(jf.build_info()); d = jax.devices()[0]; print(d, getattr(d, 'core_count', None), getattr(d, 'compute_capability', None))" 2>&1 | tee "$OUT/info.txt"
 
 echo "== GPU tests"
 JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 300 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py tests/test_build.py \
@@ -33,7 +33,7 @@ status[build_tests]=${PIPESTATUS[0]}
 
 echo "== compute-sanitizer"
 for tool in memcheck racecheck; do
-  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name regex:mla_ \
+  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=mla_metadata \
     python3 scripts/sanitize_cases.py >"$OUT/sanitizer_$tool.log" 2>&1
   status[sanitizer_$tool]=$?
   tail -4 "$OUT/sanitizer_$tool.log"

@@ -13,7 +13,8 @@ namespace jax_flashmla {
 
 namespace ffi = xla::ffi;
 
-// Only called on error paths: formatting stays off the per-call path.
+// Only called on error paths, so formatting stays off the per-call path. std::to_string, not
+// std::ostringstream: an ostringstream in the handler segfaulted on the H100 build (2026-11-25).
 inline std::string shape_string(ffi::Span<const int64_t> dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
