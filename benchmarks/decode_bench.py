@@ -35,9 +35,14 @@ LAYERS = 16
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _median_seconds(fn, args, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def _median_seconds(fn, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0) -> float:
+    """Median wall time of a blocking call, after ``warmup`` calls and at least ``min_warmup_s``
+    of them (an idle GPU starts at low clocks)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < min_warmup_s:
         jax.block_until_ready(fn(*args))
+        done += 1
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -52,12 +57,12 @@ def measure_ceilings(on_gpu: bool, steps: int) -> dict:
     nbytes = (2 << 30) if on_gpu else (256 << 20)
     x = jax.random.bits(key, (nbytes // 4,), jnp.uint32)
     copy = jax.jit(lambda x: x ^ jnp.uint32(0x5A5A5A5A))
-    copy_s = _median_seconds(copy, (x,), steps)
+    copy_s = _median_seconds(copy, (x,), steps, min_warmup_s=1.0)
     del x
     n = 8192 if on_gpu else 2048
     a = jax.random.normal(key, (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    mm_s = _median_seconds(jax.jit(jnp.dot), (a, b), steps)
+    mm_s = _median_seconds(jax.jit(jnp.dot), (a, b), steps, min_warmup_s=1.0)
     return {"copy_GBps": 2 * nbytes / copy_s / 1e9, "copy_bytes": nbytes, "matmul_TFLOPs": 2 * n**3 / mm_s / 1e12, "matmul_n": n}
 
 

@@ -32,12 +32,20 @@ JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 120 python3 -P -m pytest -p no:cacheprov
 status[build_tests]=${PIPESTATUS[0]}
 
 echo "== compute-sanitizer"
-for tool in memcheck racecheck; do
-  timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=mla_metadata \
-    python3 scripts/sanitize_cases.py >"$OUT/sanitizer_$tool.log" 2>&1
+# The kernels alone, from a standalone harness (no JAX in the process): every tool.
+nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Icpp -o /tmp/metadata_harness \
+  cpp/tests/metadata_harness.cu cpp/scheduler/mla_metadata.cu >"$OUT/harness_build.log" 2>&1
+status[harness_build]=$?
+for tool in memcheck racecheck synccheck initcheck; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/metadata_harness >"$OUT/sanitizer_$tool.log" 2>&1
   status[sanitizer_$tool]=$?
-  tail -4 "$OUT/sanitizer_$tool.log"
+  echo "$tool: $(grep -E 'all cases ok|FAILURES' "$OUT/sanitizer_$tool.log") / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
 done
+# End to end through JAX and the FFI handler: memcheck on our kernels.
+timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --kernel-name kns=mla_metadata \
+  python3 -P scripts/sanitize_cases.py >"$OUT/sanitizer_jax_memcheck.log" 2>&1
+status[sanitizer_jax_memcheck]=$?
+echo "memcheck through JAX: $(grep -E 'mismatches' "$OUT/sanitizer_jax_memcheck.log") / $(grep 'ERROR SUMMARY' "$OUT/sanitizer_jax_memcheck.log")"
 
 echo "== benchmark"
 timeout 200 python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
@@ -45,4 +53,4 @@ status[bench]=${PIPESTATUS[0]}
 
 echo "== summary"
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
-for k in build gpu_tests build_tests sanitizer_memcheck sanitizer_racecheck bench; do printf '%-20s rc=%s\n' "$k" "${status[$k]:-not run}"; done
+for k in build gpu_tests build_tests harness_build sanitizer_memcheck sanitizer_racecheck sanitizer_synccheck sanitizer_initcheck sanitizer_jax_memcheck bench; do printf '%-20s rc=%s\n' "$k" "${status[$k]:-not run}"; done

@@ -133,7 +133,8 @@ def test_results_identical_with_and_without_command_buffers(tmp_path):
                         ("off", "--xla_gpu_enable_command_buffer=")):
         env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         path = tmp_path / f"{name}.npy"
-        run = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT, seed, str(path)], env=env, capture_output=True, text=True)
+        # cwd outside the checkout, so that the installed package (with its extension) is imported.
+        run = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT, seed, str(path)], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         results[name] = np.load(path)
     np.testing.assert_array_equal(results["on"], results["off"])
