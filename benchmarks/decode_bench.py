@@ -214,7 +214,8 @@ def main(argv=None) -> int:
         cells = list((CELLS if on_gpu else CPU_CELLS).values())
     anchor = load_anchor(args.anchor)
 
-    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, build: {jf.build_info()['cuda_extension'] and 'CUDA extension' or 'pure JAX only'}")
+    build = "CUDA extension" if jf.build_info()["cuda_extension"] else "pure JAX only"
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, build: {build}")
     ceilings = measure_ceilings(on_gpu, steps)
     rows = []
     for cell in cells:
