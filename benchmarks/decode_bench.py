@@ -117,9 +117,9 @@ def run_cell(cell: Cell, steps: int, with_xla: bool, ceilings: dict, anchor: dic
     lengths = np.asarray(inputs[3])
     mean_len = float(lengths.mean())
     flops, nbytes = cell.flops_bytes(mean_len)
-    step = flashmla_step(cell)
-    path = "kernel" if _ffi.DECODE_TARGET in step.lower(*inputs).as_text() else "pure JAX"
-    seconds = _median_seconds(step, inputs, steps) / LAYERS
+    lowered = flashmla_step(cell).lower(*inputs)
+    path = "kernel" if _ffi.DECODE_TARGET in lowered.as_text() else "pure JAX"
+    seconds = _median_seconds(lowered.compile(), inputs, steps) / LAYERS
     meta_us = _median_seconds(metadata_step(cell), (inputs[3],), steps) * 1e6
     row = {
         "name": cell.name, "b": cell.b, "s_q": cell.s_q, "h_q": cell.h_q, "h_kv": cell.h_kv, "s_k": cell.s_k,

@@ -133,7 +133,7 @@ def split_kv_attention(
 
         piece_end = jnp.where(req == last_req, last_end, nblk[r])
         finish = active & (blk + 1 == piece_end)
-        # ``l != 0`` rather than ``l > 0``: a NaN (a page id out of range) must stay NaN.
+        # Tested as ``l == 0``, not ``l > 0``: a NaN (a page id out of range) must stay NaN.
         no_keys = l == 0
         l_safe = jnp.where(no_keys, 1.0, l)
         o_piece = jnp.where(no_keys[..., None], 0.0, o / l_safe[..., None])

@@ -6,7 +6,6 @@ clean is also known to be right.
 
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

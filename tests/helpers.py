@@ -45,6 +45,10 @@ class Case:
         b, s_q, h_q, _ = self.q.shape
         return s_q * h_q // self.h_kv
 
+    def arrays(self) -> tuple:
+        """(q, k_cache, block_table, cache_seqlens) as jax arrays: the decode step's inputs."""
+        return tuple(jnp.asarray(x) for x in (self.q, self.k_cache, self.block_table, self.cache_seqlens))
+
     def describe(self) -> str:
         b, s_q, h_q, _ = self.q.shape
         lens = self.cache_seqlens
@@ -127,22 +131,17 @@ def make_case(
 def reference(case: Case, softmax_scale=None):
     from jax_flashmla.reference import mla_decode_reference
 
-    out, lse = mla_decode_reference(
-        jnp.asarray(case.q),
-        jnp.asarray(case.k_cache),
-        jnp.asarray(case.block_table),
-        jnp.asarray(case.cache_seqlens),
-        HEAD_DIM_V,
-        softmax_scale,
-        case.causal,
-    )
-    return np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    return to_f64(*mla_decode_reference(*case.arrays(), HEAD_DIM_V, softmax_scale, case.causal))
 
 
-def run_decode(case: Case, *, num_sm=None, softmax_scale=None, implementation=None, jit=True):
-    """Metadata + decode through the public API, as a decode step would call them."""
-    import jax
+def to_f64(out, lse):
+    """Decode results as float64 numpy arrays, for comparison."""
+    return np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
 
+
+def decode_step(case: Case, *, num_sm=None, softmax_scale=None, implementation=None):
+    """``(q, k_cache, block_table, cache_seqlens) -> (out, lse)``: metadata + decode through the
+    public API, as a decode step calls them (not jitted)."""
     import jax_flashmla as jf
 
     def step(q, k_cache, block_table, cache_seqlens):
@@ -154,11 +153,14 @@ def run_decode(case: Case, *, num_sm=None, softmax_scale=None, implementation=No
             softmax_scale=softmax_scale, causal=case.causal, implementation=implementation,
         )
 
-    fn = jax.jit(step) if jit else step
-    out, lse = fn(
-        jnp.asarray(case.q), jnp.asarray(case.k_cache), jnp.asarray(case.block_table), jnp.asarray(case.cache_seqlens)
-    )
-    return np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+    return step
+
+
+def run_decode(case: Case, **step_kwargs):
+    """The jitted decode step on the case's inputs, as float64 arrays."""
+    import jax
+
+    return to_f64(*jax.jit(decode_step(case, **step_kwargs))(*case.arrays()))
 
 
 # Tolerances of the contract (section 7), for bf16 and used for fp16 as well.

@@ -20,7 +20,7 @@ import pytest
 import jax_flashmla as jf
 from jax_flashmla import _ffi
 from grid import case_id, pairwise_cases
-from helpers import HEAD_DIM_V, assert_matches_reference, check_case, fresh_seed, make_case, reference
+from helpers import HEAD_DIM_V, assert_matches_reference, check_case, decode_step, fresh_seed, make_case, reference, to_f64
 
 pytestmark = pytest.mark.gpu
 
@@ -88,28 +88,22 @@ def test_two_layer_step_on_device():
         o2, l2 = jf.flash_mla_with_kvcache(q2, k2, t2, lengths, HEAD_DIM_V, meta, splits, causal=True)
         return o1, l1, o2, l2
 
-    arrays = [jnp.asarray(x) for x in (case.q, other.q, case.k_cache, other.k_cache, case.block_table, other.block_table, case.cache_seqlens)]
+    (q1, k1, t1, lengths), (q2, k2, t2, _) = case.arrays(), other.arrays()
+    arrays = (q1, q2, k1, k2, t1, t2, lengths)
     hlo = step.lower(*arrays).as_text()
     assert _ffi.METADATA_TARGET in hlo
     o1, l1, o2, l2 = step(*arrays)
     for (o, l), c in (((o1, l1), case), ((o2, l2), other)):
-        got = np.asarray(o.astype(jnp.float32), np.float64), np.asarray(l, np.float64)
-        assert_matches_reference(*got, *reference(c), c.describe())
+        assert_matches_reference(*to_f64(o, l), *reference(c), c.describe())
 
 
 def test_export_roundtrip_runs_on_gpu():
     case = make_case(b=4, s_q=1, s_k=700, h_q=16, h_kv=1, varlen=True)
-    arrays = [jnp.asarray(x) for x in (case.q, case.k_cache, case.block_table, case.cache_seqlens)]
-
-    def fn(q, k, t, lengths):
-        meta, splits = jf.get_mla_metadata(lengths, case.rows, case.h_kv)
-        return jf.flash_mla_with_kvcache(q, k, t, lengths, HEAD_DIM_V, meta, splits)
-
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda", "cpu"], disabled_checks=jf.export_disabled_checks())(
+    arrays = case.arrays()
+    exported = jax.export.export(jax.jit(decode_step(case)), platforms=["cuda", "cpu"], disabled_checks=jf.export_disabled_checks())(
         *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
     )
-    out, lse = jax.export.deserialize(exported.serialize()).call(*arrays)
-    got = np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+    got = to_f64(*jax.export.deserialize(exported.serialize()).call(*arrays))
     assert_matches_reference(*got, *reference(case), case.describe())
 
 

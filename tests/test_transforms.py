@@ -11,44 +11,26 @@ import pytest
 
 import jax_flashmla as jf
 from jax_flashmla._ffi import DECODE_TARGET, METADATA_TARGET
-from helpers import HEAD_DIM_V, assert_matches_reference, make_case, reference, run_decode
-
-
-def _arrays(case):
-    return tuple(jnp.asarray(x) for x in (case.q, case.k_cache, case.block_table, case.cache_seqlens))
-
-
-def _decode(case, **kw):
-    def fn(q, k_cache, block_table, cache_seqlens):
-        meta, splits = jf.get_mla_metadata(cache_seqlens, case.rows, case.h_kv, **kw)
-        return jf.flash_mla_with_kvcache(
-            q, k_cache, block_table, cache_seqlens, HEAD_DIM_V, meta, splits, causal=case.causal, **kw
-        )
-
-    return fn
-
-
-def _f64(out, lse):
-    return np.asarray(out.astype(jnp.float32), np.float64), np.asarray(lse, np.float64)
+from helpers import HEAD_DIM_V, assert_matches_reference, decode_step, make_case, reference, run_decode, to_f64
 
 
 def test_eager_equals_jit():
     case = make_case(b=3, s_q=2, s_k=300, h_q=16, h_kv=1, varlen=True, causal=True)
-    eager = _f64(*_decode(case)(*_arrays(case)))
+    eager = to_f64(*decode_step(case)(*case.arrays()))
     jitted = run_decode(case)
     assert_matches_reference(*eager, *jitted, case.describe())
 
 
 def test_jaxpr_has_one_primitive_per_op():
     case = make_case(b=2, s_q=1, s_k=100, h_q=16, h_kv=1)
-    jaxpr = jax.make_jaxpr(_decode(case))(*_arrays(case))
+    jaxpr = jax.make_jaxpr(decode_step(case))(*case.arrays())
     names = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
     assert names == ["jax_flashmla_mla_metadata", "jax_flashmla_mla_decode"], names
 
 
 def test_vmap_over_q_shares_cache_and_schedule():
     case = make_case(b=3, s_q=2, s_k=400, h_q=16, h_kv=2, varlen=True, causal=True)
-    q, k_cache, block_table, cache_seqlens = _arrays(case)
+    q, k_cache, block_table, cache_seqlens = case.arrays()
     qs = jnp.stack([q, q[::-1] * 0.5, -q])
     meta, splits = jf.get_mla_metadata(cache_seqlens, case.rows, case.h_kv)
 
@@ -59,8 +41,8 @@ def test_vmap_over_q_shares_cache_and_schedule():
     assert "while" not in str(jaxpr).split("jax_flashmla_mla_decode")[0], "vmap must not loop"
     out, lse = jax.jit(jax.vmap(one))(qs)
     for i in range(3):
-        want = _f64(*jax.jit(one)(qs[i]))
-        assert_matches_reference(*_f64(out[i], lse[i]), *want, f"vmapped element {i}, {case.describe()}")
+        want = to_f64(*jax.jit(one)(qs[i]))
+        assert_matches_reference(*to_f64(out[i], lse[i]), *want, f"vmapped element {i}, {case.describe()}")
 
 
 @pytest.mark.parametrize("cache_axis", [0, 2])
@@ -76,30 +58,30 @@ def test_vmap_everything_with_own_caches(cache_axis):
 
     q, k_cache, block_table, cache_seqlens = (jnp.asarray(np.stack(x)) for x in zip(*map(pad, cases)))
     k_cache = jnp.moveaxis(k_cache, 0, cache_axis)
-    fn = _decode(cases[0])
+    fn = decode_step(cases[0])
     out, lse = jax.jit(jax.vmap(fn, in_axes=(0, cache_axis, 0, 0)))(q, k_cache, block_table, cache_seqlens)
     for i, c in enumerate(cases):
-        assert_matches_reference(*_f64(out[i], lse[i]), *reference(c), f"element {i}: {c.describe()}")
+        assert_matches_reference(*to_f64(out[i], lse[i]), *reference(c), f"element {i}: {c.describe()}")
 
 
 def test_nested_vmap():
     case = make_case(b=2, s_q=1, s_k=200, h_q=16, h_kv=1, varlen=True)
-    q, k_cache, block_table, cache_seqlens = _arrays(case)
+    q, k_cache, block_table, cache_seqlens = case.arrays()
     qs = jnp.stack([jnp.stack([q, -q]), jnp.stack([q * 0.5, q[::-1]])])  # [2, 2, b, ...]
-    fn = _decode(case)
+    fn = decode_step(case)
     out, lse = jax.jit(jax.vmap(jax.vmap(fn, in_axes=(0, None, None, None)), in_axes=(0, None, None, None)))(
         qs, k_cache, block_table, cache_seqlens
     )
     assert out.shape == (2, 2, *case.q.shape[:3], HEAD_DIM_V)
     for i in range(2):
         for j in range(2):
-            want = _f64(*jax.jit(fn)(qs[i, j], k_cache, block_table, cache_seqlens))
-            assert_matches_reference(*_f64(out[i, j], lse[i, j]), *want, f"element {i},{j}")
+            want = to_f64(*jax.jit(fn)(qs[i, j], k_cache, block_table, cache_seqlens))
+            assert_matches_reference(*to_f64(out[i, j], lse[i, j]), *want, f"element {i},{j}")
 
 
 def _export(case, platforms, **kw):
-    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _arrays(case)]
-    return jax.export.export(jax.jit(_decode(case, **kw)), platforms=platforms, disabled_checks=jf.export_disabled_checks())(*avals)
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in case.arrays()]
+    return jax.export.export(jax.jit(decode_step(case, **kw)), platforms=platforms, disabled_checks=jf.export_disabled_checks())(*avals)
 
 
 def _targets(module_text: str) -> set[str]:
@@ -112,7 +94,7 @@ def test_export_cuda_and_cpu_shows_targets_and_runs_on_cpu():
     assert {METADATA_TARGET, DECODE_TARGET} <= _targets(exported.mlir_module())
     restored = jax.export.deserialize(exported.serialize())
     if jax.devices()[0].platform == "cpu":
-        got = _f64(*restored.call(*_arrays(case)))
+        got = to_f64(*restored.call(*case.arrays()))
         assert_matches_reference(*got, *reference(case), case.describe())
 
 
@@ -129,9 +111,9 @@ def test_export_implementation_xla_has_no_custom_calls():
 
 def test_export_refuses_our_targets_without_the_disabled_checks():
     case = make_case(b=2, s_q=1, s_k=100, h_q=16, h_kv=1)
-    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _arrays(case)]
+    avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in case.arrays()]
     with pytest.raises(ValueError, match="custom call"):
-        jax.export.export(jax.jit(_decode(case, implementation="cuda")), platforms=["cuda"])(*avals)
+        jax.export.export(jax.jit(decode_step(case, implementation="cuda")), platforms=["cuda"])(*avals)
 
 
 def test_inside_shard_map():
@@ -142,10 +124,10 @@ def test_inside_shard_map():
     case = make_case(b=4, s_q=1, s_k=200, h_q=16, h_kv=1, varlen=True)
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
     fn = jax.shard_map(
-        _decode(case), mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P("batch")), out_specs=(P("batch"), P("batch")),
+        decode_step(case), mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P("batch")), out_specs=(P("batch"), P("batch")),
         check_vma=False,
     )
-    got = _f64(*jax.jit(fn)(*_arrays(case)))
+    got = to_f64(*jax.jit(fn)(*case.arrays()))
     assert_matches_reference(*got, *reference(case), case.describe())
 
 
@@ -155,7 +137,7 @@ def test_shard_map_with_vma_checks_says_what_to_do():
     case = make_case(b=2, s_q=1, s_k=100, h_q=16, h_kv=1)
     mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
     fn = jax.shard_map(
-        _decode(case), mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P("batch")), out_specs=(P("batch"), P("batch"))
+        decode_step(case), mesh=mesh, in_specs=(P("batch"), P(), P("batch"), P("batch")), out_specs=(P("batch"), P("batch"))
     )
     with pytest.raises(NotImplementedError, match="check_vma=False"):
-        jax.jit(fn)(*_arrays(case))
+        jax.jit(fn)(*case.arrays())

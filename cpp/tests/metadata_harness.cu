@@ -19,6 +19,8 @@ bool check(cudaError_t err, const char* what) {
   return err == cudaSuccess;
 }
 
+int blocks_of(int seqlen) { return seqlen <= 0 ? 1 : (seqlen + kBlockN - 1) / kBlockN; }
+
 // Every block of every request placed exactly once, in slot order; num_splits a prefix array.
 bool invariants(const std::vector<int>& lens, int parts, const std::vector<int>& meta, const std::vector<int>& splits) {
   const int b = static_cast<int>(lens.size());
@@ -28,7 +30,7 @@ bool invariants(const std::vector<int>& lens, int parts, const std::vector<int>&
     const int* row = &meta[p * kMetadataCols];
     if (row[kFirstSlot] != slot) return false;
     for (int r = row[kFirstReq]; r <= row[kLastReq]; ++r) {
-      const int nblk = lens[r] <= 0 ? 1 : (lens[r] + kBlockN - 1) / kBlockN;
+      const int nblk = blocks_of(lens[r]);
       const int start = r == row[kFirstReq] ? row[kFirstBlock] : 0;
       const int end = r == row[kLastReq] ? row[kLastBlockEnd] : nblk;
       if (start != next_block[r] || end <= start || end > nblk) return false;
@@ -39,8 +41,7 @@ bool invariants(const std::vector<int>& lens, int parts, const std::vector<int>&
   }
   if (splits[0] != 0 || splits[b] != slot) return false;
   for (int r = 0; r < b; ++r) {
-    const int nblk = lens[r] <= 0 ? 1 : (lens[r] + kBlockN - 1) / kBlockN;
-    if (next_block[r] != nblk || splits[r + 1] - splits[r] != pieces[r]) return false;
+    if (next_block[r] != blocks_of(lens[r]) || splits[r + 1] - splits[r] != pieces[r]) return false;
   }
   return true;
 }
