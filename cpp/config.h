@@ -25,4 +25,31 @@ inline constexpr int kSchedulerThreads = 128;
 // limit); the serial pass reads later ones from global memory.
 inline constexpr int kSchedulerSmemRequests = 8192;
 
+// ---- Split-KV decode kernel (cpp/decode) ----
+// Threads per CTA: two warpgroups. A 64x512 fp32 output tile is half the register file, so each
+// warpgroup owns half of the output columns.
+inline constexpr int kNumWarpgroups = 2;
+inline constexpr int kWarpgroupThreads = 128;
+inline constexpr int kDecodeThreads = kNumWarpgroups * kWarpgroupThreads;
+// Channels per shared-memory column tile: one 128-byte swizzle row of 16-bit values. It is both
+// the TMA box width and the K extent of one GMMA swizzle atom.
+inline constexpr int kHeadDimTile = 64;
+// Column tiles of one 64x576 K block; each has its own TMA transaction barrier, so the QK^T of
+// tile t starts as soon as tile t has landed.
+inline constexpr int kNumKTiles = kHeadDim / kHeadDimTile;
+// Keys of a block whose logits one warpgroup computes (QK^T is split along the keys).
+inline constexpr int kHalfBlockN = kBlockN / kNumWarpgroups;
+// Output channels per warpgroup in PV.
+inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
+// K blocks in flight per CTA: with a 72 KiB Q tile, two 72 KiB K stages are what fits in the
+// 227 KiB of shared memory.
+inline constexpr int kKStages = 2;
+
+// ---- Combine kernel ----
+// One warp merges one packed row at a time; each lane owns kHeadDimV / 32 output channels.
+inline constexpr int kCombineWarps = 4;
+inline constexpr int kCombineThreads = kCombineWarps * 32;
+// Packed rows per combine CTA.
+inline constexpr int kCombineRowsPerCta = 16;
+
 }  // namespace jax_flashmla

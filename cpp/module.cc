@@ -24,6 +24,7 @@ NB_MODULE(_flashmla_cuda, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets[jax_flashmla::kMetadataTarget] = handler_capsule(JaxFlashmlaMlaMetadata);
+    targets[jax_flashmla::kDecodeTarget] = handler_capsule(JaxFlashmlaMlaDecode);
     return targets;
   }, "Custom-call target name -> FFI handler capsule, for platform CUDA.");
   m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },

@@ -7,6 +7,8 @@
 
 namespace jax_flashmla {
 inline constexpr const char* kMetadataTarget = "jax_flashmla_mla_metadata_v1";
+inline constexpr const char* kDecodeTarget = "jax_flashmla_mla_decode_v1";
 }  // namespace jax_flashmla
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashmlaMlaMetadata);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashmlaMlaDecode);

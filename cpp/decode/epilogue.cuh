@@ -1,0 +1,124 @@
+// End of a piece: normalise and write the final output + natural LSE (unsplit request), or the
+// fp32 partial output + base-2 LSE into the accumulator slot (split request).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "decode/decode_params.h"
+#include "decode/kernel_traits.cuh"
+#include "decode/mainloop.cuh"
+#include "decode/softmax.cuh"
+
+namespace jax_flashmla::decode {
+
+inline constexpr float kLn2 = 0.69314718055994530942f;
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<cutlass::bfloat16_t> {
+  using type = __nv_bfloat162;
+  static __device__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct Pair<cutlass::half_t> {
+  using type = __half2;
+  static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+// Where a piece's results go.
+struct PieceTarget {
+  int req;
+  int kv_head;
+  int row_block;
+  bool split;  // the request has several pieces: write the accumulators, the combine finishes
+  int slot;    // accumulator slot of this piece (used when split)
+};
+
+__device__ __forceinline__ int64_t accum_row(const DecodeParams& p, const PieceTarget& tg, int row) {
+  return (int64_t(tg.slot) * p.h_kv + tg.kv_head) * p.rows + row;
+}
+
+// All threads. `o` holds this warpgroup's [kBlockM, kHalfDimV] unnormalised output.
+template <typename T, typename FragO, typename CoordO>
+__device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const FragO& o, const CoordO& cO,
+                            const SoftmaxState& st, int wg, const PieceTarget& tg) {
+  const int lane = threadIdx.x % 32;
+  int rows[kRowsPerThread];
+  CUTE_UNROLL
+  for (int i = 0; i < size(o); ++i) rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
+
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const float l = quad_sum(st.l[r]);
+    if (lane % 4 == 0) smem.row_sum[wg][rows[r]] = l;
+  }
+  cutlass::arch::NamedBarrier::arrive_and_wait(kDecodeThreads, kBarRowSum);
+
+  float inv_l[kRowsPerThread], lse2[kRowsPerThread];
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const float l = smem.row_sum[0][rows[r]] + smem.row_sum[1][rows[r]];
+    // Tested as == 0, not > 0: a NaN must reach the output, not pass for an empty row.
+    const bool no_keys = l == 0.f;
+    inv_l[r] = no_keys ? 0.f : 1.f / l;
+    lse2[r] = no_keys ? -INFINITY : st.m[r] + log2f(l);
+  }
+
+  const int col0 = wg * kHalfDimV;
+  // Consecutive fragment elements (i, i + 1) are adjacent columns of one row.
+  CUTE_UNROLL
+  for (int i = 0; i < size(o); i += 2) {
+    const int row_local = get<0>(cO(i));
+    const int row = tg.row_block * kBlockM + row_local;
+    if (row >= p.rows) continue;
+    const int r = row_slot(row_local);
+    const int col = col0 + get<1>(cO(i));
+    const float a = o(i) * inv_l[r], b = o(i + 1) * inv_l[r];
+    if (tg.split) {
+      *reinterpret_cast<float2*>(p.out_accum + accum_row(p, tg, row) * kHeadDimV + col) = make_float2(a, b);
+    } else {
+      const PackedRow pr = unpack_row(p, tg.kv_head, row);
+      T* out = static_cast<T*>(p.out) + ((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV;
+      *reinterpret_cast<typename Pair<T>::type*>(out + col) = Pair<T>::make(a, b);
+    }
+  }
+  if (wg == 0 && lane % 4 == 0) {
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = tg.row_block * kBlockM + rows[r];
+      if (row >= p.rows) continue;
+      if (tg.split) {
+        p.lse_accum[accum_row(p, tg, row)] = lse2[r];
+      } else {
+        const PackedRow pr = unpack_row(p, tg.kv_head, row);
+        // A row with no visible key has lse = log(0) of the empty sum, reported as +inf.
+        const float lse = lse2[r] == -INFINITY ? INFINITY : lse2[r] * kLn2;
+        p.lse[(int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
+      }
+    }
+  }
+}
+
+// A piece whose request has an invalid length or page id: NaN everywhere it writes, so the
+// error reaches the caller (and survives the combine) instead of a read out of bounds.
+template <typename T>
+__device__ void write_nan_piece(const DecodeParams& p, const PieceTarget& tg) {
+  const float nan = __int_as_float(0x7fc00000);
+  for (int idx = threadIdx.x; idx < kBlockM * kHeadDimV; idx += kDecodeThreads) {
+    const int row = tg.row_block * kBlockM + idx / kHeadDimV;
+    const int col = idx % kHeadDimV;
+    if (row >= p.rows) continue;
+    const PackedRow pr = unpack_row(p, tg.kv_head, row);
+    if (tg.split) {
+      p.out_accum[accum_row(p, tg, row) * kHeadDimV + col] = nan;
+      if (col == 0) p.lse_accum[accum_row(p, tg, row)] = nan;
+    } else {
+      static_cast<T*>(p.out)[((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + col] = T(nan);
+      if (col == 0) p.lse[(int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token] = nan;
+    }
+  }
+}
+
+}  // namespace jax_flashmla::decode

@@ -1,0 +1,142 @@
+// Data movement and tensor-core work of the decode kernel: the Q tile (cp.async), K blocks
+// (TMA through the block table), QK^T and PV (wgmma).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/memory_sm80.h>
+
+#include "decode/decode_params.h"
+#include "decode/kernel_traits.cuh"
+
+namespace jax_flashmla::decode {
+
+// Packed row r of KV head h is token r / heads_per_kv of query head h * heads_per_kv +
+// r % heads_per_kv (s_q-major, then heads).
+struct PackedRow {
+  int token;
+  int head;
+};
+__device__ __forceinline__ PackedRow unpack_row(const DecodeParams& p, int kv_head, int row) {
+  return {row / p.heads_per_kv, kv_head * p.heads_per_kv + row % p.heads_per_kv};
+}
+
+// Loads the Q tile of (request, KV head, row block) into shared memory; rows past `rows` are
+// zero so that their (never written) results stay finite. All threads; ends with the tile
+// visible to wgmma.
+template <typename T>
+__device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, int kv_head, int row_block) {
+  using Traits = KernelTraits<T>;
+  constexpr int kChunkElems = 16 / int(sizeof(T));  // one 16-byte cp.async
+  constexpr int kChunksPerRow = kHeadDim / kChunkElems;
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
+  const T* q = static_cast<const T*>(p.q) + int64_t(req) * p.s_q * p.h_q * kHeadDim;
+  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += kDecodeThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * kChunkElems;
+    const int row = row_block * kBlockM + r;
+    const bool valid = row < p.rows;
+    const PackedRow pr = unpack_row(p, kv_head, valid ? row : 0);
+    const T* src = q + (int64_t(pr.token) * p.h_q + pr.head) * kHeadDim + c;
+    // The 128-byte swizzle permutes 16-byte chunks, so a chunk stays contiguous in shared memory.
+    cutlass::arch::cp_async_zfill<16>(&sQ(r, c), src, valid);
+  }
+  cutlass::arch::cp_async_wait<0>();
+  // cp.async writes through the generic proxy; wgmma reads through the async proxy.
+  cutlass::arch::fence_view_async_shared();
+  __syncthreads();
+}
+
+// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread.
+template <typename T, typename TmaK>
+__device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage,
+                              int page, int kv_head) {
+  using Traits = KernelTraits<T>;
+  Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
+  Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
+  auto cta_tma = tma_k.get_slice(_0{});
+  CUTE_UNROLL
+  for (int t = 0; t < kNumKTiles; ++t) {
+    Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
+    Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
+                               typename Traits::SmemLayoutKTile{});
+    uint64_t& bar = smem.k_full[stage][t];
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kTileBytes);
+    // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
+    copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
+         cta_tma.partition_D(sTile));
+  }
+}
+
+// S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`. Waits for
+// each column tile's barrier just before its wgmmas, so compute follows the TMA copies.
+template <typename T, typename FragS>
+__device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
+  using Traits = KernelTraits<T>;
+  typename Traits::TiledMmaS mma;
+  auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
+  Tensor sKhalf = local_tile(sK, Shape<Int<kHalfBlockN>, Int<kHeadDim>>{}, make_coord(wg, _0{}));
+  Tensor tSrQ = thr.partition_fragment_A(sQ);      // (MMA, MMA_M, kHeadDim / 16)
+  Tensor tSrK = thr.partition_fragment_B(sKhalf);  // (MMA, MMA_N, kHeadDim / 16)
+  constexpr int kKBlocksPerTile = kHeadDimTile / 16;  // wgmma K is 16 for 16-bit inputs
+  static_assert(size<2>(decltype(tSrQ){}) == kNumKTiles * kKBlocksPerTile);
+
+  warpgroup_fence_operand(tSrS);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int t = 0; t < kNumKTiles; ++t) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][t], phase);
+    CUTE_UNROLL
+    for (int kb = t * kKBlocksPerTile; kb < (t + 1) * kKBlocksPerTile; ++kb) {
+      cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tSrS);
+}
+
+// O_half [kBlockM, kHalfDimV] += P V[:, wg half of the channels] for the block in `stage`.
+template <typename T, typename FragO>
+__device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) {
+  using Traits = KernelTraits<T>;
+  typename Traits::TiledMmaO mma;
+  auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutVt{});
+  Tensor sVtHalf = local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(wg, _0{}));
+  Tensor tOrP = thr.partition_fragment_A(sP);
+  Tensor tOrV = thr.partition_fragment_B(sVtHalf);
+
+  warpgroup_fence_operand(tOrO);
+  warpgroup_arrive();
+  mma.accumulate_ = GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(tOrP); ++kb) cute::gemm(mma, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
+}
+
+// Zeroes tokens [valid, kBlockN) of this warpgroup's V channels in `stage`. Those cache slots
+// may hold NaN, and P = 0 there does not help: 0 * NaN = NaN. One warpgroup; the caller fences
+// and synchronises before PV.
+template <typename T>
+__device__ void zero_tail_v(SharedStorage<T>& smem, int stage, int wg, int valid) {
+  using Traits = KernelTraits<T>;
+  constexpr int kChunkElems = 16 / int(sizeof(T));
+  constexpr int kChunksPerRow = kHalfDimV / kChunkElems;
+  Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
+  const int tid = threadIdx.x % kWarpgroupThreads;
+  for (int idx = tid; idx < (kBlockN - valid) * kChunksPerRow; idx += kWarpgroupThreads) {
+    const int token = valid + idx / kChunksPerRow;
+    const int channel = wg * kHalfDimV + (idx % kChunksPerRow) * kChunkElems;
+    *reinterpret_cast<uint4*>(&sK(token, channel)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+}  // namespace jax_flashmla::decode

@@ -1,0 +1,99 @@
+// Online softmax in base 2 over the wgmma accumulator fragments of one warpgroup.
+//
+// Each thread holds two rows of the 64-row tile (the wgmma accumulator layout puts row r and
+// r + 8 of a 16-row slab in one thread, a row's columns in the 4 threads of a quad). The two
+// warpgroups see different keys of the same rows, so the row maximum is exchanged through
+// shared memory: both then rescale with the same maximum, bit for bit, and keep separate row
+// sums that add up in the epilogue.
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "decode/kernel_traits.cuh"
+
+namespace jax_flashmla::decode {
+
+inline constexpr int kRowsPerThread = 2;
+
+// Which of the thread's two rows a tile row is: rows r and r + 8 of each 16-row slab.
+__device__ __forceinline__ int row_slot(int row) { return (row >> 3) & 1; }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 1);
+  return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+struct SoftmaxState {
+  float m[kRowsPerThread];  // running max of the base-2 logits; -inf until a key is visible
+  float l[kRowsPerThread];  // this thread's share of the running row sum
+
+  __device__ void reset() {
+    for (int s = 0; s < kRowsPerThread; ++s) {
+      m[s] = -INFINITY;
+      l[s] = 0.f;
+    }
+  }
+};
+
+// Scales logits to base 2 and replaces invisible ones by -inf. Replacing, not adding a bias:
+// a logit computed from a NaN cache slot must vanish. `key0` is the token of column 0;
+// `limit[s]` is one past the last key visible to row slot s.
+template <typename FragS, typename CoordS>
+__device__ void scale_and_mask(FragS& s, const CoordS& cS, float scale_log2, bool need_mask, int key0,
+                               const int (&limit)[kRowsPerThread]) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i) {
+    float v = s(i) * scale_log2;
+    if (need_mask && key0 + get<1>(cS(i)) >= limit[row_slot(get<0>(cS(i)))]) v = -INFINITY;
+    s(i) = v;
+  }
+}
+
+// Row maxima of this warpgroup's logits, reduced over the quad: [kRowsPerThread].
+template <typename FragS, typename CoordS>
+__device__ void block_row_max(const FragS& s, const CoordS& cS, float (&mx)[kRowsPerThread]) {
+  for (int r = 0; r < kRowsPerThread; ++r) mx[r] = -INFINITY;
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i) {
+    const int r = row_slot(get<0>(cS(i)));
+    mx[r] = fmaxf(mx[r], s(i));
+  }
+  for (int r = 0; r < kRowsPerThread; ++r) mx[r] = quad_max(mx[r]);
+}
+
+// Given the block maxima of both warpgroups, turns logits into P (in place, fp32), updates the
+// running max and this thread's row sums, and returns the factor the output must be rescaled by.
+template <typename FragS, typename CoordS>
+__device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, const float (&mx0)[kRowsPerThread],
+                               const float (&mx1)[kRowsPerThread], float (&alpha)[kRowsPerThread]) {
+  float m_ref[kRowsPerThread];
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    // Same operands in the same order in both warpgroups, so both get the same maximum.
+    const float m_new = fmaxf(st.m[r], fmaxf(mx0[r], mx1[r]));
+    // While a row has seen no visible key its max is -inf; exponentiate against 0 instead so
+    // that exp2(-inf - -inf) = NaN never appears.
+    m_ref[r] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[r] = exp2f(st.m[r] - m_ref[r]);
+    st.m[r] = m_new;
+    st.l[r] *= alpha[r];
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i) {
+    const int r = row_slot(get<0>(cS(i)));
+    const float p = exp2f(s(i) - m_ref[r]);
+    st.l[r] += p;
+    s(i) = p;
+  }
+}
+
+template <typename FragO, typename CoordO>
+__device__ void rescale_output(FragO& o, const CoordO& cO, const float (&alpha)[kRowsPerThread]) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(o); ++i) o(i) *= alpha[row_slot(get<0>(cO(i)))];
+}
+
+}  // namespace jax_flashmla::decode
