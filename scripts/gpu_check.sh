@@ -3,12 +3,21 @@
 # ran here and with .whl and .device carried:
 #   build the sm_90a extension -> GPU tests -> compute-sanitizer -> benchmark -> short summary.
 # Full logs go to $OUT (the device tool brings them back).
+#
+# PHASES selects what runs (default: all), e.g. PHASES="tests grid" (the build always runs):
+#   tests      tests/test_gpu.py (marked gpu), then the whole CPU suite, which runs the kernels
+#              on this GPU (the default path there), and the build tests
+#   grid       tests/test_gpu_grid.py: the contract's full grid, 4608 cases
+#   sanitizer  compute-sanitizer (every tool) on the standalone scheduler and decode harnesses
+#   bench      benchmarks/decode_bench.py with $BENCH_ARGS
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 BENCH_ARGS=${BENCH_ARGS:---cells P1,P8 --steps 10}
+PHASES=${PHASES:-tests grid sanitizer bench}
 declare -A status
+want() { [[ " $PHASES " == *" $1 "* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -24,33 +33,57 @@ status[build]=$?
 echo "build rc=${status[build]} in $(( $(date +%s) - start ))s"; grep -E "jax_flashmla:|error" "$OUT/build.log" | head -20
 python3 -P -c "import jax, jax_flashmla as jf; print(jf.build_info()); d = jax.devices()[0]; print(d, getattr(d, 'core_count', None), getattr(d, 'compute_capability', None))" 2>&1 | tee "$OUT/info.txt"
 
-echo "== GPU tests"
-JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 300 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
-  -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
-status[gpu_tests]=${PIPESTATUS[0]}
-JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 120 python3 -P -m pytest -p no:cacheprovider -q tests/test_build.py -o addopts="" 2>&1 | tail -3
-status[build_tests]=${PIPESTATUS[0]}
+if want tests; then
+  echo "== GPU tests"
+  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
+    -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+  status[gpu_tests]=${PIPESTATUS[0]}
+  echo "== CPU suite on the GPU (the kernels are the default path here)"
+  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q tests \
+    --ignore=tests/test_gpu.py --ignore=tests/test_gpu_grid.py -o addopts="" 2>&1 | tee "$OUT/pytest_suite.log" | tail -5
+  status[suite_on_gpu]=${PIPESTATUS[0]}
+fi
 
-echo "== compute-sanitizer"
-# The kernels alone, from a standalone harness (no JAX in the process): every tool.
-nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Icpp -o /tmp/metadata_harness \
-  cpp/tests/metadata_harness.cu cpp/scheduler/mla_metadata.cu >"$OUT/harness_build.log" 2>&1
-status[harness_build]=$?
-for tool in memcheck racecheck synccheck initcheck; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/metadata_harness >"$OUT/sanitizer_$tool.log" 2>&1
-  status[sanitizer_$tool]=$?
-  echo "$tool: $(grep -E 'all cases ok|FAILURES' "$OUT/sanitizer_$tool.log") / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
-done
-# End to end through JAX and the FFI handler: memcheck on our kernels.
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --kernel-name kns=mla_metadata \
-  python3 -P scripts/sanitize_cases.py >"$OUT/sanitizer_jax_memcheck.log" 2>&1
-status[sanitizer_jax_memcheck]=$?
-echo "memcheck through JAX: $(grep -E 'mismatches' "$OUT/sanitizer_jax_memcheck.log") / $(grep 'ERROR SUMMARY' "$OUT/sanitizer_jax_memcheck.log")"
+if want grid; then
+  echo "== full grid"
+  timeout 550 python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" tests/test_gpu_grid.py -o addopts="" --durations=5 \
+    2>&1 | tee "$OUT/pytest_grid.log" | tail -15
+  status[grid]=${PIPESTATUS[0]}
+fi
 
-echo "== benchmark"
-timeout 200 python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
-status[bench]=${PIPESTATUS[0]}
+if want sanitizer; then
+  echo "== compute-sanitizer"
+  # The kernels alone, from standalone harnesses (no JAX in the process): every tool.
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Icpp -o /tmp/metadata_harness \
+    cpp/tests/metadata_harness.cu cpp/scheduler/mla_metadata.cu >"$OUT/harness_build.log" 2>&1
+  status[harness_build]=$?
+  cutlass_include=$(python3 -c "import importlib.util as u; print(u.find_spec('cutlass_library').submodule_search_locations[0])")/source/include
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Icpp -I"$cutlass_include" \
+    -o /tmp/decode_harness cpp/tests/decode_harness.cu cpp/decode/decode_launch.cu cpp/scheduler/mla_metadata.cu \
+    >"$OUT/decode_harness_build.log" 2>&1
+  status[decode_harness_build]=$?
+  /tmp/decode_harness | tee "$OUT/decode_harness.log" | tail -1
+  status[decode_harness]=${PIPESTATUS[0]}
+  for tool in memcheck racecheck synccheck initcheck; do
+    timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/metadata_harness >"$OUT/sanitizer_metadata_$tool.log" 2>&1
+    status[san_metadata_$tool]=$?
+    # racecheck tracks every shared-memory access: the first case only.
+    args=""; [ $tool = racecheck ] && args=quick
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/decode_harness $args >"$OUT/sanitizer_decode_$tool.log" 2>&1
+    status[san_decode_$tool]=$?
+    echo "$tool: metadata $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_metadata_$tool.log" | tail -1);" \
+         "decode $(grep -cE ': ok' "$OUT/sanitizer_decode_$tool.log") cases ok, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_decode_$tool.log" | tail -1)"
+  done
+fi
+
+if want bench; then
+  echo "== benchmark"
+  timeout 200 python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  status[bench]=${PIPESTATUS[0]}
+fi
 
 echo "== summary"
-grep -E "passed|failed|error" "$OUT/pytest_gpu.log" | tail -1
-for k in build gpu_tests build_tests harness_build sanitizer_memcheck sanitizer_racecheck sanitizer_synccheck sanitizer_initcheck sanitizer_jax_memcheck bench; do printf '%-20s rc=%s\n' "$k" "${status[$k]:-not run}"; done
+for log in pytest_gpu pytest_suite pytest_grid; do
+  [ -f "$OUT/$log.log" ] && printf '%-13s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
+done
+for k in "${!status[@]}"; do printf '%-24s rc=%s\n' "$k" "${status[$k]}"; done | sort

@@ -73,6 +73,45 @@ def _randn(rng, shape) -> np.ndarray:
     return np.clip(rng.standard_normal(shape, dtype=np.float32) / 10, -1, 1)
 
 
+@dataclasses.dataclass
+class Paging:
+    """Where each request's tokens live in the paged cache."""
+
+    lengths: np.ndarray  # [b] int32
+    block_table: np.ndarray  # [b, max_blocks] int32; POISON_PAGE where unused
+    num_pages: int
+    page_len: np.ndarray  # [num_pages] valid tokens of every page (0 for spare pages)
+
+    def valid_slots(self) -> np.ndarray:
+        """[num_pages, 64] bool: the cache slots that hold a token; all others get NaN."""
+        return np.arange(PAGE)[None, :] < self.page_len[:, None]
+
+
+def make_paging(rng, lengths, *, spare_blocks: int = 1, max_blocks: int | None = None, num_pages: int | None = None) -> Paging:
+    """A random paging of ``lengths``: page ids are a random permutation of a pool that holds
+    every used page plus spare ones nothing refers to; block-table entries past ``ceil(L / 64)``
+    are ``POISON_PAGE``. ``max_blocks`` / ``num_pages`` fix the shapes (at least what is needed);
+    by default the table has ``spare_blocks`` more columns than the longest request needs.
+    """
+    lengths = np.asarray(lengths, np.int32)
+    b = lengths.shape[0]
+    used_blocks = -(-np.maximum(lengths, 0).astype(np.int64) // PAGE)
+    need_blocks = int(max(used_blocks.max(initial=0), 1))
+    max_blocks = need_blocks + spare_blocks if max_blocks is None else max_blocks
+    total = int(used_blocks.sum())
+    num_pages = total + max(4, total // 8) if num_pages is None else num_pages
+    assert max_blocks >= need_blocks and num_pages >= total, (max_blocks, need_blocks, num_pages, total)
+    pages = rng.permutation(num_pages)
+    table = np.full((b, max_blocks), POISON_PAGE, np.int32)
+    used = np.arange(max_blocks)[None, :] < used_blocks[:, None]
+    table[used] = pages[:total]
+    # Page table[i, j] holds tokens j*64 .. j*64+63 of request i.
+    page_len = np.zeros(num_pages, np.int64)
+    rows, cols = np.nonzero(used)
+    page_len[table[rows, cols]] = np.minimum(lengths[rows] - cols * PAGE, PAGE)
+    return Paging(lengths, table, num_pages, page_len)
+
+
 def make_case(
     *,
     b: int,
@@ -99,30 +138,16 @@ def make_case(
     rng = np.random.default_rng(seed)
     if lengths is None:
         lengths = draw_lengths(rng, b, s_k, s_q, varlen, zero_fraction)
-    lengths = np.asarray(lengths, np.int32)
-    used_blocks = -(-lengths.astype(np.int64) // PAGE)
-    max_blocks = int(max(used_blocks.max(), 1)) + spare_blocks
-    # The pool: every used page plus a few spare ones that nothing refers to; page ids are a
-    # random permutation of it.
-    num_pages = int(used_blocks.sum()) + max(4, int(used_blocks.sum()) // 8)
-    pages = rng.permutation(num_pages)
-    table = np.full((b, max_blocks), POISON_PAGE, np.int32)
-    used = np.arange(max_blocks)[None, :] < used_blocks[:, None]
-    table[used] = pages[: int(used_blocks.sum())]
-
-    # Valid tokens of every page: page table[i, j] holds tokens j*64 .. j*64+63 of request i.
-    page_len = np.zeros(num_pages, np.int64)
-    rows, cols = np.nonzero(used)
-    page_len[table[rows, cols]] = np.minimum(lengths[rows] - cols * PAGE, PAGE)
-    valid = np.arange(PAGE)[None, :] < page_len[:, None]
-    cache = np.where(valid[:, :, None, None], _randn(rng, (num_pages, PAGE, h_kv, HEAD_DIM)), np.nan)
+    paging = make_paging(rng, lengths, spare_blocks=spare_blocks)
+    valid = paging.valid_slots()
+    cache = np.where(valid[:, :, None, None], _randn(rng, (paging.num_pages, PAGE, h_kv, HEAD_DIM)), np.nan)
 
     np_dtype = jnp.dtype(DTYPES[dtype])
     return Case(
         q=_randn(rng, (b, s_q, h_q, HEAD_DIM)).astype(np_dtype),
         k_cache=cache.astype(np_dtype),
-        block_table=table,
-        cache_seqlens=lengths,
+        block_table=paging.block_table,
+        cache_seqlens=paging.lengths,
         causal=causal,
         seed=seed,
     )

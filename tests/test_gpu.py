@@ -1,12 +1,14 @@
-"""On an sm_90 GPU with the CUDA extension: the kernels against the pure-JAX specification.
+"""On an sm_90 GPU with the CUDA extension: the kernels against the pure-JAX scheduler and the
+reference.
 
-Skipped elsewhere with the reason (see conftest.py). Today the scheduler runs as a CUDA kernel;
-the decode kernels come with the kernels issue, until then the decode runs the pure-JAX path on
-the GPU and these tests check that path there.
+Skipped elsewhere with the reason (see conftest.py). The full contract grid is in
+test_gpu_grid.py; the CPU suite (test_decode.py and the others) also runs the kernels when run on
+such a GPU, since the default path is the kernel there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -20,7 +22,18 @@ import pytest
 import jax_flashmla as jf
 from jax_flashmla import _ffi
 from grid import case_id, pairwise_cases
-from helpers import HEAD_DIM_V, assert_matches_reference, check_case, decode_step, fresh_seed, make_case, reference, to_f64
+from helpers import (
+    HEAD_DIM_V,
+    POISON_PAGE,
+    assert_matches_reference,
+    check_case,
+    decode_step,
+    fresh_seed,
+    make_case,
+    reference,
+    run_decode,
+    to_f64,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +46,7 @@ def _metadata(lengths, rows, h_kv, implementation, num_sm=None):
 def test_targets_registered_for_this_gpu():
     info = jf.build_info()
     assert info["cuda_extension"] and info["cuda_arch"] == "sm_90a", info
-    assert _ffi.METADATA_TARGET in info["registered_targets"], info
+    assert {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET} <= set(info["registered_targets"]), info
     assert jf.device_num_sm() == jax.devices()[0].core_count
 
 
@@ -71,9 +84,92 @@ def test_metadata_kernel_two_runs_bit_identical():
 GRID = pairwise_cases()[::4]
 
 
+def _lowered_targets(case, **kwargs):
+    text = jax.jit(decode_step(case, **kwargs)).lower(*case.arrays()).as_text()
+    return {t for t in (_ffi.METADATA_TARGET, _ffi.DECODE_TARGET) if t in text}
+
+
+def test_default_path_is_the_kernel():
+    case = make_case(b=2, s_q=1, s_k=100, h_q=16, h_kv=1)
+    assert _lowered_targets(case) == {_ffi.METADATA_TARGET, _ffi.DECODE_TARGET}
+    assert _lowered_targets(case, implementation="xla") == set()
+
+
 @pytest.mark.parametrize("params", GRID, ids=[case_id(c) for c in GRID])
 def test_decode_on_gpu_matches_reference(params):
-    check_case(make_case(**params))
+    check_case(make_case(**params), implementation="cuda")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(b=1, s_q=1, s_k=65536, h_q=128, h_kv=1),  # split across every partition
+        dict(b=1, s_q=2, s_k=65536, h_q=64, h_kv=1, causal=True, dtype="fp16"),
+        dict(b=2, s_q=1, s_k=30000, h_q=16, h_kv=1, varlen=True),
+        dict(b=3, s_q=4, s_k=9000, h_q=128, h_kv=1, varlen=True, causal=True),  # 8 row tiles
+    ],
+    ids=["L65536-hq128", "L65536-sq2-causal-fp16", "L30000-hq16-varlen", "512rows-causal"],
+)
+def test_long_requests(params):
+    check_case(make_case(**params), implementation="cuda")
+
+
+@pytest.mark.parametrize("heads", [(16, 1), (128, 1), (64, 8), (126, 3)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_zero_length_requests_b128(heads, dtype):
+    h_q, h_kv = heads
+    case = make_case(b=128, s_q=2, s_k=700, h_q=h_q, h_kv=h_kv, varlen=True, causal=True, dtype=dtype, zero_fraction=0.5)
+    out, lse = check_case(case, implementation="cuda")
+    zero = case.cache_seqlens == 0
+    assert zero.any() and (out[zero] == 0).all() and np.isposinf(lse[zero]).all()
+
+
+@pytest.mark.parametrize("num_sm", [1, 7, 132, 1000])
+def test_decode_any_partition_count(num_sm):
+    case = make_case(b=9, s_q=2, s_k=3000, h_q=32, h_kv=2, varlen=True, causal=True, zero_fraction=0.2)
+    check_case(case, num_sm=num_sm, implementation="cuda")
+
+
+def test_decode_two_runs_bit_identical():
+    case = make_case(b=5, s_q=2, s_k=20_000, h_q=64, h_kv=1, varlen=True, causal=True)
+    step = jax.jit(decode_step(case, implementation="cuda"))
+    arrays = case.arrays()
+    (o1, l1), (o2, l2) = step(*arrays), step(*arrays)
+    np.testing.assert_array_equal(np.asarray(o1.astype(jnp.float32)), np.asarray(o2.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
+
+
+@pytest.mark.parametrize("what", ["page_negative", "page_poison", "length_negative", "length_beyond_table"])
+@pytest.mark.parametrize("split", [False, True])
+def test_invalid_data_gives_nan(what, split):
+    # split=True: 1000 partitions cut every request into pieces, so the NaN must survive the
+    # combine; split=False: one partition, the attention kernel writes the result itself.
+    case = make_case(b=3, s_q=2, h_q=32, h_kv=1, lengths=[300, 1000, 200], spare_blocks=0)
+    bad = np.array([False, True, False])
+    if what == "page_negative":
+        case.block_table[1, 2] = -5
+    elif what == "page_poison":
+        case.block_table[1, 15] = POISON_PAGE
+    elif what == "length_negative":
+        case.cache_seqlens[1] = -3
+    else:
+        case.cache_seqlens[1] = case.block_table.shape[1] * 64 + 1
+    out, lse = run_decode(case, num_sm=1000 if split else 1, implementation="cuda")
+    assert np.isnan(out[bad]).all() and np.isnan(lse[bad]).all()
+    ref_out, ref_lse = reference(case)
+    assert_matches_reference(out[~bad], lse[~bad], ref_out[~bad], ref_lse[~bad], case.describe())
+
+
+def test_vmap_runs_the_kernel():
+    case = make_case(b=3, s_q=1, s_k=800, h_q=16, h_kv=1, varlen=True)
+    q, k_cache, table, lengths = case.arrays()
+    qs = jnp.stack([q, q * 0.5])
+    fn = jax.jit(jax.vmap(decode_step(case), in_axes=(0, None, None, None)))
+    assert _ffi.DECODE_TARGET in fn.lower(qs, k_cache, table, lengths).as_text()
+    out, lse = fn(qs, k_cache, table, lengths)
+    for j in range(2):
+        sub = dataclasses.replace(case, q=np.asarray(qs[j]))
+        assert_matches_reference(*to_f64(out[j], lse[j]), *reference(sub), sub.describe())
 
 
 def test_two_layer_step_on_device():
@@ -91,7 +187,8 @@ def test_two_layer_step_on_device():
     (q1, k1, t1, lengths), (q2, k2, t2, _) = case.arrays(), other.arrays()
     arrays = (q1, q2, k1, k2, t1, t2, lengths)
     hlo = step.lower(*arrays).as_text()
-    assert _ffi.METADATA_TARGET in hlo
+    # Metadata once, then two decode calls: all custom calls, nothing computed on the host.
+    assert hlo.count(_ffi.METADATA_TARGET) == 1 and hlo.count(_ffi.DECODE_TARGET) == 2
     o1, l1, o2, l2 = step(*arrays)
     for (o, l), c in (((o1, l1), case), ((o2, l2), other)):
         assert_matches_reference(*to_f64(o, l), *reference(c), c.describe())
@@ -109,13 +206,24 @@ def test_export_roundtrip_runs_on_gpu():
 
 _COMMAND_BUFFER_SCRIPT = textwrap.dedent(
     """
+    # A jitted 2-layer decode step (metadata once, two decode calls), run three times.
     import sys, numpy as np, jax, jax.numpy as jnp
     import jax_flashmla as jf
-    lengths = jnp.asarray(np.random.default_rng(int(sys.argv[1])).integers(0, 40_000, size=200), jnp.int32)
-    step = jax.jit(lambda L: jf.get_mla_metadata(L, 128, 1, implementation="cuda"))
+    sys.path.insert(0, sys.argv[3])
+    from helpers import make_case
+    case = make_case(b=16, s_q=2, s_k=3000, h_q=64, h_kv=1, varlen=True, causal=True, seed=int(sys.argv[1]))
+    q, k, table, lengths = case.arrays()
+
+    @jax.jit
+    def step(q, k, table, lengths):
+        meta, splits = jf.get_mla_metadata(lengths, case.rows, 1, implementation="cuda")
+        o1, l1 = jf.flash_mla_with_kvcache(q, k, table, lengths, 512, meta, splits, causal=True, implementation="cuda")
+        o2, l2 = jf.flash_mla_with_kvcache(q * 0.5, k, table, lengths, 512, meta, splits, causal=True, implementation="cuda")
+        return meta, splits, o1, l1, o2, l2
+
     for _ in range(3):
-        meta, splits = step(lengths)
-    np.save(sys.argv[2], np.concatenate([np.asarray(meta).ravel(), np.asarray(splits)]))
+        results = step(q, k, table, lengths)
+    np.savez(sys.argv[2], *[np.asarray(r.astype(jnp.float32)) for r in results])
     """
 )
 
@@ -126,9 +234,12 @@ def test_results_identical_with_and_without_command_buffers(tmp_path):
     for name, flags in (("on", "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"),
                         ("off", "--xla_gpu_enable_command_buffer=")):
         env = dict(os.environ, XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        path = tmp_path / f"{name}.npy"
+        path = tmp_path / f"{name}.npz"
         # cwd outside the checkout, so that the installed package (with its extension) is imported.
-        run = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT, seed, str(path)], env=env, capture_output=True, text=True, cwd=tmp_path)
+        tests_dir = os.path.dirname(os.path.abspath(__file__))
+        run = subprocess.run([sys.executable, "-c", _COMMAND_BUFFER_SCRIPT, seed, str(path), tests_dir], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
-        results[name] = np.load(path)
-    np.testing.assert_array_equal(results["on"], results["off"])
+        with np.load(path) as f:
+            results[name] = [f[k] for k in sorted(f.files)]
+    for on, off in zip(results["on"], results["off"]):
+        np.testing.assert_array_equal(on, off)
