@@ -5,8 +5,9 @@
 # Full logs go to $OUT (the device tool brings them back).
 #
 # PHASES selects what runs (default: all), e.g. PHASES="tests grid" (the build always runs):
-#   tests      tests/test_gpu.py (marked gpu), then the whole CPU suite, which runs the kernels
-#              on this GPU (the default path there), and the build tests
+#   tests      tests/test_gpu.py (marked gpu)
+#   suite      the whole CPU suite, which runs the kernels on this GPU (the default path there),
+#              with the build tests insisting on the extension
 #   grid       tests/test_gpu_grid.py: the contract's full grid, 4608 cases
 #   sanitizer  compute-sanitizer (every tool) on the standalone scheduler and decode harnesses
 #   bench      benchmarks/decode_bench.py with $BENCH_ARGS
@@ -15,7 +16,7 @@ OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 BENCH_ARGS=${BENCH_ARGS:---cells P1,P8 --steps 10}
-PHASES=${PHASES:-tests grid sanitizer bench}
+PHASES=${PHASES:-tests suite grid sanitizer bench}
 declare -A status
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 
@@ -40,6 +41,9 @@ if want tests; then
   JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
     -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   status[gpu_tests]=${PIPESTATUS[0]}
+fi
+
+if want suite; then
   echo "== CPU suite on the GPU (the kernels are the default path here)"
   JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q tests \
     --ignore=tests/test_gpu.py --ignore=tests/test_gpu_grid.py -o addopts="" 2>&1 | tee "$OUT/pytest_suite.log" | tail -5
