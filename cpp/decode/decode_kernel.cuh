@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
   Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});
 
-  int rows[kRowsPerThread];  // the two tile rows this thread holds
+  int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
   CUTE_UNROLL
   for (int i = 0; i < size(cS); ++i) rows[row_slot(get<0>(cS(i)))] = get<0>(cS(i));
 
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 
       gemm_pv(smem, stage, wg, tOrO);
     }
-    write_piece(p, smem, tOrO, cO, st, wg, tg);
+    write_piece(p, smem, tOrO, cO, st, rows, wg, tg);
   }
 }
 

@@ -43,14 +43,13 @@ __device__ __forceinline__ int64_t accum_row(const DecodeParams& p, const PieceT
   return (int64_t(tg.slot) * p.h_kv + tg.kv_head) * p.rows + row;
 }
 
-// All threads. `o` holds this warpgroup's [kBlockM, kHalfDimV] unnormalised output.
+// All threads. `o` holds this warpgroup's [kBlockM, kHalfDimV] unnormalised output; `rows` are
+// the two tile rows this thread holds (the same in every 64-row wgmma accumulator).
 template <typename T, typename FragO, typename CoordO>
 __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const FragO& o, const CoordO& cO,
-                            const SoftmaxState& st, int wg, const PieceTarget& tg) {
+                            const SoftmaxState& st, const int (&rows)[kRowsPerThread], int wg,
+                            const PieceTarget& tg) {
   const int lane = threadIdx.x % 32;
-  int rows[kRowsPerThread];
-  CUTE_UNROLL
-  for (int i = 0; i < size(o); ++i) rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
 
   for (int r = 0; r < kRowsPerThread; ++r) {
     const float l = quad_sum(st.l[r]);

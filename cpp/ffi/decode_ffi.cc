@@ -108,11 +108,7 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.dtype = q.element_type() == ffi::DataType::BF16 ? DecodeDtype::kBF16 : DecodeDtype::kFP16;
 
   const cudaError_t err = run_mla_decode(p, stream);
-  if (err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_flashmla ") + kOp + ": CUDA error " + cudaGetErrorName(err) +
-                                ": " + cudaGetErrorString(err));
-  }
-  return cuda_status(kOp);
+  return err == cudaSuccess ? cuda_status(kOp) : cuda_error(kOp, err);
 }
 
 }  // namespace

@@ -21,12 +21,16 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
+// A CUDA error of `op` as an FFI error that names it.
+inline ffi::Error cuda_error(const char* op, cudaError_t err) {
+  return ffi::Error::Internal(std::string("jax_flashmla ") + op + ": CUDA error " + cudaGetErrorName(err) + ": " +
+                              cudaGetErrorString(err));
+}
+
 // Any CUDA error left by the launches of `op` becomes an FFI error that names it.
 inline ffi::Error cuda_status(const char* op) {
   const cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_flashmla ") + op + ": CUDA error " +
-                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return err == cudaSuccess ? ffi::Error::Success() : cuda_error(op, err);
 }
 
 inline ffi::Error invalid_argument(const char* op, const std::string& what) {
