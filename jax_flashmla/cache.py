@@ -142,8 +142,9 @@ class PageTable:
     def append(self, num_new: jax.Array, t: int) -> tuple["PageTable", StepView]:
         """Makes room for ``num_new[i]`` more tokens of request ``i`` and counts them in.
 
-        Pages are taken from the free stack in request order; a request that does not fit gets
-        none (its tokens are not written, ``status`` records why) and later requests still may.
+        Pages are taken from the free stack in request order. When the pool runs dry, the request
+        that does not fit and the later ones that need a new page get none: their new tokens are
+        not written and ``status`` records why; requests that need no new page go on.
 
         Args:
           num_new: [batch] int32 array, tokens appended per request, each in [0, t].
@@ -167,11 +168,12 @@ class PageTable:
         want_blocks = _cdiv_pages(self.lengths + num_new)
         row_full = want_blocks > max_blocks
         need = jnp.maximum(jnp.minimum(want_blocks, max_blocks) - old_blocks, 0)
-        before = jnp.cumsum(need) - need  # pages taken by earlier requests
-        fits = before + need <= self.num_free
-        # Requests that do not fit take nothing, so a later smaller request may still fit.
+        # Pages go to requests in batch order while the pool lasts: the first request that does
+        # not fit, and every later one that needs a page, get none (a prefix test keeps this one
+        # vectorised pass; requests that need no new page are never affected).
+        fits = jnp.cumsum(need) <= self.num_free
         need = jnp.where(fits, need, 0)
-        before = jnp.cumsum(need) - need
+        before = jnp.cumsum(need) - need  # pages taken by earlier requests
 
         # New block k of request i: block index old_blocks[i] + k, popped id at stack depth
         # before[i] + k. At most ceil(t / 64) + 1 new blocks per request per step.
@@ -286,9 +288,11 @@ class PagedLatentCache:
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise TypeError(f"PagedLatentCache.create: dtype must be bfloat16 or float16; got {jnp.dtype(dtype)}")
         shape = (num_pages, PAGE_BLOCK_SIZE, 1, HEAD_DIM)
-        table = PageTable.create(batch, num_pages, max_blocks_per_seq)
         pages = tuple(jnp.full(shape, fill, dtype) for _ in range(num_layers))
-        tables = (table,) if shared_layout else tuple(table for _ in range(num_layers))
+        # Distinct buffers per table: a jitted step donates each of them.
+        tables = tuple(
+            PageTable.create(batch, num_pages, max_blocks_per_seq) for _ in range(1 if shared_layout else num_layers)
+        )
         return cls(pages=pages, tables=tables)
 
     @property

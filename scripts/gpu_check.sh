@@ -6,6 +6,8 @@
 #
 # PHASES selects what runs (default: all), e.g. PHASES="tests grid" (the build always runs):
 #   tests      tests/test_gpu.py (marked gpu)
+#   nn         tests/test_gpu_nn.py (the Flax layer and decoder on the kernel), then the demo
+#              (python -m jax_flashmla.demo, the README's main job) on its GPU defaults
 #   suite      the whole CPU suite, which runs the kernels on this GPU (the default path there),
 #              with the build tests insisting on the extension
 #   grid       tests/test_gpu_grid.py: the contract's full grid, 4608 cases
@@ -16,7 +18,8 @@ OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 BENCH_ARGS=${BENCH_ARGS:---cells P1,P8 --steps 10}
-PHASES=${PHASES:-tests suite grid sanitizer bench}
+DEMO_ARGS=${DEMO_ARGS:-}
+PHASES=${PHASES:-tests nn suite grid sanitizer bench}
 declare -A status
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 
@@ -41,6 +44,16 @@ if want tests; then
   JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
     -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
   status[gpu_tests]=${PIPESTATUS[0]}
+fi
+
+if want nn; then
+  echo "== Flax layer and decoder on the kernel"
+  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 300 python3 -P -m pytest -p no:cacheprovider -q -s -m "gpu" tests/test_gpu_nn.py \
+    -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu_nn.log" | tail -8
+  status[gpu_nn_tests]=${PIPESTATUS[0]}
+  echo "== demo (python -m jax_flashmla.demo $DEMO_ARGS)"
+  (cd "$OUT" && timeout 300 python3 -m jax_flashmla.demo $DEMO_ARGS --json "$OUT/demo.json") 2>&1 | tee "$OUT/demo.log" | tail -14
+  status[demo]=${PIPESTATUS[0]}
 fi
 
 if want suite; then
@@ -89,7 +102,7 @@ if want bench; then
 fi
 
 echo "== summary"
-for log in pytest_gpu pytest_suite pytest_grid; do
+for log in pytest_gpu pytest_gpu_nn pytest_suite pytest_grid; do
   [ -f "$OUT/$log.log" ] && printf '%-13s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
 done
 for k in "${!status[@]}"; do printf '%-24s rc=%s\n' "$k" "${status[$k]}"; done | sort

@@ -71,7 +71,7 @@ class MLAAttention(nnx.Module):
         """``(W_UK, W_UV)``: [512, heads, qk_nope_head_dim] and [512, heads, v_head_dim] in the
         compute dtype."""
         c = self.config
-        w = self.kv_b_proj.kernel.value.reshape(c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        w = self.kv_b_proj.kernel[...].reshape(c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
         w = w.astype(c.dtype)
         return w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
 
