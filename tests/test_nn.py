@@ -375,3 +375,21 @@ def test_demo_runs_on_this_machine(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "attention path: " in out.stdout and "tokens/s" in out.stdout
     assert "0 pages in use" in out.stdout
+
+
+def test_forced_tokens_score_a_given_continuation():
+    model = _tiny_model(seed=5)
+    prompts = np.random.default_rng(fresh_seed()).integers(0, 97, (2, 9)).astype(np.int32)
+    lens = np.array([9, 4], np.int32)
+    gen = GreedyGenerator(model)
+    greedy, _ = gen.generate(prompts, lens, 5, model.init_cache(2, 4, 2), keep_logits=True)
+    again, _ = gen.generate(prompts, lens, 5, model.init_cache(2, 4, 2), keep_logits=True, forced_tokens=greedy.tokens)
+    np.testing.assert_array_equal(again.tokens, greedy.tokens)
+    np.testing.assert_array_equal(again.logits, greedy.logits)
+    other = (greedy.tokens + 1) % 97
+    forced, _ = gen.generate(prompts, lens, 5, model.init_cache(2, 4, 2), keep_logits=True, forced_tokens=other)
+    np.testing.assert_array_equal(forced.tokens, other)
+    np.testing.assert_array_equal(forced.logits[:, 0], greedy.logits[:, 0])  # same prompt, same first logits
+    assert not np.array_equal(forced.logits[:, 1:], greedy.logits[:, 1:])
+    with pytest.raises(ValueError, match=r"forced_tokens must have shape \(2, 5\)"):
+        gen.generate(prompts, lens, 5, model.init_cache(2, 4, 2), forced_tokens=other[:, :3])

@@ -66,19 +66,20 @@ class GreedyGenerator:
         self.implementation = implementation
         eos = -1 if eos_id is None else int(eos_id)
 
-        def prefill(params, tokens, prompt_lens, budgets, cache):
+        def prefill(params, tokens, prompt_lens, budgets, cache, forced):
             m = nnx.merge(graphdef, params)
             logits, cache = m.prefill(tokens, prompt_lens, cache)
-            first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            first = jnp.where(forced >= 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
             live = prompt_lens > 0
             state = DecodeState(tokens=first, active=live, remaining=jnp.where(live, budgets - 1, 0))
             return _retire(state, first, cache, eos) + (logits,)
 
-        def step(params, state, cache):
+        def step(params, state, cache, forced):
             m = nnx.merge(graphdef, params)
             logits, cache = m.decode(state.tokens[:, None], state.active, cache, implementation=implementation)
             logits = logits[:, 0]
-            nxt = jnp.where(state.active, jnp.argmax(logits, axis=-1).astype(jnp.int32), -1)
+            nxt = jnp.where(forced >= 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            nxt = jnp.where(state.active, nxt, -1)
             state = dataclasses.replace(state, tokens=nxt, remaining=state.remaining - state.active)
             return _retire(state, nxt, cache, eos) + (logits,)
 
@@ -97,7 +98,7 @@ class GreedyGenerator:
         """The decode step's lowered program text (for inspection)."""
         b = cache.tables[0].batch
         state = DecodeState(jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-        return self._compile("step", self._step_fn, self._params, state, cache)[1]
+        return self._compile("step", self._step_fn, self._params, state, cache, state.tokens)[1]
 
     def generate(
         self,
@@ -107,6 +108,7 @@ class GreedyGenerator:
         cache: PagedLatentCache,
         *,
         keep_logits: bool = False,
+        forced_tokens: np.ndarray | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ) -> tuple[GenerationResult, PagedLatentCache]:
         """Greedy generation for a batch of prompts.
@@ -117,6 +119,9 @@ class GreedyGenerator:
           max_new_tokens: int or [batch] int32, tokens to generate per request (>= 1).
           cache: an empty cache of the model (donated: use the returned one).
           keep_logits: also return every step's logits.
+          forced_tokens: [batch, max_new_tokens] int32 or None. Where an entry is >= 0, that
+            token is emitted (and fed back) instead of the argmax: teacher forcing, to score a
+            given continuation; ``logits`` stay the model's.
           on_step: called after each decode step with (step index, seconds).
 
         Returns:
@@ -126,7 +131,15 @@ class GreedyGenerator:
         budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
         if (budgets < 1).any():
             raise ValueError(f"GreedyGenerator.generate: max_new_tokens must be >= 1; got {budgets.tolist()}")
-        args = (self._params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jnp.asarray(budgets), cache)
+        steps = int(budgets.max()) - 1
+        if forced_tokens is None:
+            forced = np.full((b, steps + 1), -1, np.int32)
+        else:
+            forced = np.asarray(forced_tokens, np.int32)
+            if forced.shape != (b, steps + 1):
+                raise ValueError(f"GreedyGenerator.generate: forced_tokens must have shape {(b, steps + 1)}; got {forced.shape}")
+        args = (self._params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jnp.asarray(budgets),
+                cache, jnp.asarray(forced[:, 0]))
         t0 = time.perf_counter()
         prefill, _ = self._compile("prefill", self._prefill_fn, *args)
         compile_s = time.perf_counter() - t0
@@ -135,17 +148,17 @@ class GreedyGenerator:
         first = np.asarray(state.tokens)
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        step, hlo = self._compile("step", self._step_fn, self._params, state, cache)
+        step, hlo = self._compile("step", self._step_fn, self._params, state, cache, state.tokens)
         compile_s += time.perf_counter() - t0
 
-        steps = int(budgets.max()) - 1
         tokens = np.full((b, steps + 1), -1, np.int32)
         tokens[:, 0] = np.where(np.asarray(prompt_lens) > 0, first, -1)
         kept = [np.asarray(logits)] if keep_logits else None
+        forced_dev = list(jnp.asarray(forced.T))  # per step, on the device before the loop
         seconds = []
         for i in range(steps):
             t0 = time.perf_counter()
-            state, cache, logits = step(self._params, state, cache)
+            state, cache, logits = step(self._params, state, cache, forced_dev[i + 1])
             tokens[:, i + 1] = np.asarray(state.tokens)  # waits for the step
             seconds.append(time.perf_counter() - t0)
             if keep_logits:

@@ -68,7 +68,9 @@ class MLADecoder(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, a.hidden_size, dtype=a.dtype, param_dtype=a.param_dtype, rngs=rngs)
         self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = nnx.RMSNorm(a.hidden_size, epsilon=a.rms_norm_eps, dtype=a.dtype, param_dtype=a.param_dtype, rngs=rngs)
-        self.lm_head = nnx.Linear(a.hidden_size, config.vocab_size, use_bias=False, dtype=a.dtype,
+        # Logits in float32: bf16 logits tie often at the top of a large vocabulary, and greedy
+        # decoding would then pick between equals by rounding noise.
+        self.lm_head = nnx.Linear(a.hidden_size, config.vocab_size, use_bias=False, dtype=jnp.float32,
                                   param_dtype=a.param_dtype, rngs=rngs)
 
     def init_cache(
@@ -90,7 +92,7 @@ class MLADecoder(nnx.Module):
             )
 
     def _logits(self, x):
-        return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+        return self.lm_head(self.final_norm(x))
 
     def prefill(
         self, tokens: jax.Array, prompt_lens: jax.Array, cache: PagedLatentCache
