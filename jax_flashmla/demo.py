@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     from . import build_info
     from .nn import GreedyGenerator, MLADecoder
 
-    console = Console(stderr=False)
+    console = Console()
+    if not console.is_terminal:  # logs: do not wrap at rich's default 80 columns
+        console.width = 120
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
     size, cfg = _config(args, on_gpu)
@@ -94,10 +96,13 @@ def main(argv=None) -> int:
     model = MLADecoder(cfg, rngs=nnx.Rngs(args.seed))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     console.print(
-        f"model '{size}': {cfg.num_layers} layers, hidden {a.hidden_size}, {a.num_heads} heads "
-        f"(nope {a.qk_nope_head_dim} + rope {a.qk_rope_head_dim}, v {a.v_head_dim}), q_lora_rank {a.q_lora_rank}, "
-        f"kv_lora_rank {a.kv_lora_rank}, YaRN {'on' if a.rope_scaling else 'off'}, vocab {cfg.vocab_size}, "
-        f"{n_params / 1e6:.1f}M params ({time.perf_counter() - t0:.1f} s to initialise)"
+        f"model '{size}': {cfg.num_layers} layers, hidden {a.hidden_size}, vocab {cfg.vocab_size}, "
+        f"{n_params / 1e6:.1f}M params, random weights ({time.perf_counter() - t0:.1f} s to initialise)"
+    )
+    console.print(
+        f"attention: MLA, {a.num_heads} heads (nope {a.qk_nope_head_dim} + rope {a.qk_rope_head_dim}, "
+        f"v {a.v_head_dim}), q_lora_rank {a.q_lora_rank}, kv_lora_rank {a.kv_lora_rank}, "
+        f"RoPE {'YaRN x%g' % a.rope_scaling.factor if a.rope_scaling else 'plain'}"
     )
 
     # Room for every request's prompt and new tokens, with one page of slack each.
@@ -107,9 +112,12 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(0, cfg.vocab_size, size=(batch, max_prompt), dtype=np.int32)
     console.print(
-        f"batch {batch}, prompt lengths {prompt_lens.tolist() if batch <= 16 else f'{prompt_lens[:16].tolist()}...'}, "
-        f"{steps} new tokens each; paged cache: {num_pages} pages of 64 tokens x 576 per layer "
-        f"({'one table per layer' if args.per_layer_cache else 'one shared page table'})"
+        f"batch {batch}, prompt lengths {', '.join(map(str, lens_cycle))}"
+        f"{' (cycled over the batch)' if batch > len(lens_cycle) else ''}, {steps} new tokens each"
+    )
+    console.print(
+        f"paged latent cache: {num_pages} pages of 64 tokens x 576 per layer, "
+        f"{'one page table per layer' if args.per_layer_cache else 'one page table shared by the layers'}"
     )
 
     gen = GreedyGenerator(model, implementation=impl, eos_id=args.eos_id)
