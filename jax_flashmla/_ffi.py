@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import os
 import re
+from pathlib import Path
 
 import jax
 
@@ -53,12 +55,36 @@ def check_ffi_api_version(built: tuple[int, int], runtime: tuple[int, int] | Non
         )
 
 
+def _shadowed_install() -> str | None:
+    """Names an installed copy with the extension when this import came from a source checkout
+    (``python -m ...`` run inside the checkout puts it first on ``sys.path``)."""
+    here = Path(__file__).resolve().parent
+    if not (here.parent / "pyproject.toml").exists():
+        return None
+    try:
+        files = importlib.metadata.distribution("jax_flashmla").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name.startswith("_flashmla_cuda"):
+            installed = Path(f.locate()).resolve().parent
+            if installed != here:
+                return (
+                    f"jax_flashmla was imported from the source checkout {here}, which has no compiled "
+                    f"extension; the installed copy in {installed} has it. Run from another directory, "
+                    "or with python -P (3.11+), so that the checkout is not first on sys.path"
+                )
+    return None
+
+
 def _load():
     try:
         ext = importlib.import_module(_EXTENSION)
     except ModuleNotFoundError as e:
         if e.name == _EXTENSION:
-            return None, "the CUDA extension was not built (no nvcc at install time, or JAX_FLASHMLA_CUDA=OFF)"
+            return None, _shadowed_install() or (
+                "the CUDA extension was not built (no nvcc at install time, or JAX_FLASHMLA_CUDA=OFF)"
+            )
         raise
     built = tuple(int(v) for v in ext.ffi_api_version())
     check_ffi_api_version(built, runtime_ffi_api_version())

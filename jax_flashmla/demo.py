@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     a = cfg.attention
     console.print(f"[bold]jax_flashmla demo[/bold]: {device.platform} ({device.device_kind}), jax {jax.__version__}, "
                   f"CUDA extension {'loaded' if build_info()['cuda_extension'] else 'absent'}")
+    if not build_info()["cuda_extension"]:
+        console.print(f"  ({build_info()['why_no_extension']})", markup=False)
     t0 = time.perf_counter()
     model = MLADecoder(cfg, rngs=nnx.Rngs(args.seed))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

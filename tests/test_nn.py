@@ -368,7 +368,7 @@ def test_decode_step_is_one_program_with_one_schedule():
 
 def test_demo_runs_on_this_machine(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "jax_flashmla.demo", "--steps", "4", "--batch", "3", "--prompt-lens", "5,70",
+        [sys.executable, "-P", "-m", "jax_flashmla.demo", "--steps", "4", "--batch", "3", "--prompt-lens", "5,70",
          "--no-progress", "--json", str(tmp_path / "demo.json")],
         capture_output=True, text=True, timeout=600,
     )
