@@ -12,7 +12,8 @@
 #              with the build tests insisting on the extension
 #   grid       tests/test_gpu_grid.py: the contract's full grid, 4608 cases
 #   sanitizer  compute-sanitizer (every tool) on the standalone scheduler and decode harnesses
-#   bench      benchmarks/decode_bench.py with $BENCH_ARGS
+#   bench      benchmarks/decode_bench.py with $BENCH_ARGS, then benchmarks/kernel_times.py (each
+#              kernel's device time under ncu) on the cells $KT_CELLS (default P1,P8)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
@@ -99,6 +100,10 @@ if want bench; then
   echo "== benchmark"
   timeout 200 python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
   status[bench]=${PIPESTATUS[0]}
+  echo "== kernel device times (ncu)"
+  timeout 300 python3 benchmarks/kernel_times.py --cells "${KT_CELLS:-P1,P8}" --json "$OUT/kernel_times.json" 2>&1 \
+    | tee "$OUT/kernel_times.log" | tail -12
+  status[kernel_times]=${PIPESTATUS[0]}
 fi
 
 echo "== summary"

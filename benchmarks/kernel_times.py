@@ -1,0 +1,119 @@
+"""Device time of each of our kernels per benchmark cell, measured by Nsight Compute.
+
+    python benchmarks/kernel_times.py --cells P1,P8 [--reps 5] [--json PATH]
+
+The decode benchmark times whole jitted steps; this splits one step into its kernels: the
+scheduler (``mla_metadata_kernel``, its own time, which the step-level timing cannot isolate),
+the split-KV attention (``mla_decode_kernel``) and the combine (``mla_combine_kernel``). Each
+cell runs in a child process under ``ncu --clock-control none --metrics gpu__time_duration.sum``
+(GPU clocks as they are, caches flushed before each kernel: a cold L2, as a decode step that
+streams a cache much larger than L2 sees). ncu serialises kernels, so the combine's overlap with
+the attention (programmatic dependent launch) is not in these numbers. Reported: the median over
+``reps`` calls of one jitted metadata + one decode call on layer 0's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+KERNELS = ("mla_metadata_kernel", "mla_decode_kernel", "mla_combine_kernel")
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+
+def child(cell_name: str, reps: int) -> None:
+    """Runs inside ncu: ``reps`` calls of metadata + one decode for the cell."""
+    import jax
+
+    import jax_flashmla as jf
+    from cells import parse_cell
+    from decode_bench import make_inputs
+    import jax.numpy as jnp
+
+    cell = parse_cell(cell_name)
+    qs, k_cache, tables, lengths = make_inputs(cell, jnp.bfloat16)
+    rows = cell.s_q * cell.h_q // cell.h_kv
+
+    @jax.jit
+    def step(q, k_cache, table, lengths):
+        meta, splits = jf.get_mla_metadata(lengths, rows, cell.h_kv)
+        return jf.flash_mla_with_kvcache(q, k_cache, table, lengths, 512, meta, splits, causal=cell.causal)
+
+    args = (qs[0], k_cache, tables[0], lengths)
+    compiled = step.lower(*args).compile()
+    for _ in range(reps):
+        jax.block_until_ready(compiled(*args))
+
+
+def parse_ncu_csv(text: str) -> dict:
+    """{kernel: [microseconds, ...]} from ``ncu --csv`` output."""
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    times: dict = {k: [] for k in KERNELS}
+    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+        if rec.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = rec["Kernel Name"]
+        kernel = next((k for k in KERNELS if k in name), None)
+        if kernel:
+            value = float(rec["Metric Value"].replace(",", ""))
+            times[kernel].append(value * UNITS[rec["Metric Unit"]])
+    return times
+
+
+def measure(cell_name: str, reps: int, ncu: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "ncu.csv"
+        cmd = [ncu, "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
+               "--kernel-name", "regex:mla_", "--log-file", str(log),
+               sys.executable, str(Path(__file__).resolve()), "--child", cell_name, "--reps", str(reps)]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
+        if run.returncode != 0 or not log.exists():
+            raise RuntimeError(f"ncu failed on {cell_name} (rc={run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        times = parse_ncu_csv(log.read_text())
+    return {k: (statistics.median(v) if v else None) for k, v in times.items()} | {"launches": {k: len(v) for k, v in times.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", help="where to write the results")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args.child, args.reps)
+        return 0
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        print("ncu (Nsight Compute) is not on PATH", file=sys.stderr)
+        return 2
+    results = {}
+    print(f"{'cell':<6} {'metadata us':>12} {'attention us':>13} {'combine us':>11} {'attn+combine':>13}")
+    for name in [c.strip() for c in args.cells.split(",") if c.strip()]:
+        r = measure(name, args.reps, ncu)
+        results[name] = r
+        total = (r["mla_decode_kernel"] or 0) + (r["mla_combine_kernel"] or 0)
+
+        def f(v):
+            return f"{v:.1f}" if v is not None else "-"
+
+        print(f"{name:<6} {f(r['mla_metadata_kernel']):>12} {f(r['mla_decode_kernel']):>13} "
+              f"{f(r['mla_combine_kernel']):>11} {total:>13.1f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tool": "ncu --clock-control none, gpu__time_duration.sum",
+                                               "reps": args.reps, "cells": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
