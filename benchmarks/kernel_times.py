@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 KERNELS = ("mla_metadata_kernel", "mla_decode_kernel", "mla_combine_kernel")
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
 
 
 def child(cell_name: str, reps: int) -> None:
