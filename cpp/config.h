@@ -45,11 +45,20 @@ inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // 227 KiB of shared memory.
 inline constexpr int kKStages = 2;
 
+// CUDA's limit on gridDim.y and gridDim.z.
+inline constexpr int kMaxGridYZ = 65535;
+
 // ---- Combine kernel ----
-// One warp merges one packed row at a time; each lane owns kHeadDimV / 32 output channels.
+// One CTA merges one packed row; warp w owns channels [w * kCombineChannelsPerWarp, +that) and
+// each lane one float4 of them. A single long request has few rows (128 for h_q = 128) and many
+// pieces: splitting the channels over warps puts 4x more warps (and SMs) on those rows than one
+// warp per row would.
 inline constexpr int kCombineWarps = 4;
 inline constexpr int kCombineThreads = kCombineWarps * 32;
-// Packed rows per combine CTA.
-inline constexpr int kCombineRowsPerCta = 16;
+inline constexpr int kCombineChannelsPerWarp = kHeadDimV / kCombineWarps;
+static_assert(kCombineChannelsPerWarp == 32 * 4, "one float4 per lane");
+// Pieces whose partial outputs a lane loads before consuming any: the loads of a group are
+// independent, so a row costs ceil(pieces / kCombinePieceUnroll) memory latencies, not `pieces`.
+inline constexpr int kCombinePieceUnroll = 8;
 
 }  // namespace jax_flashmla

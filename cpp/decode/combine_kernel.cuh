@@ -23,7 +23,7 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Grid (batch, h_kv, ceil(rows / kCombineRowsPerCta)); one warp per packed row.
+// Grid (batch, h_kv, min(rows, 65535)): one CTA per packed row, one warp per quarter of its channels.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
     mla_combine_kernel(__grid_constant__ const DecodeParams p) {
@@ -31,7 +31,6 @@ __global__ void __launch_bounds__(kCombineThreads)
   // accumulators) are complete and visible. Nothing before this line may read them.
   asm volatile("griddepcontrol.wait;" ::: "memory");
 
-  constexpr int kVecs = kHeadDimV / (32 * 4);  // float4 per lane per row
   const int req = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int first = p.num_splits[req];
@@ -39,58 +38,65 @@ __global__ void __launch_bounds__(kCombineThreads)
   if (pieces <= 1) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int channel = warp * kCombineChannelsPerWarp + lane * 4;
+  // Rows beyond the grid's z limit (65535) wrap around: a CTA may merge several rows.
+  for (int row = blockIdx.z; row < p.rows; row += gridDim.z) {
+  auto accum_row = [&](int k) { return (int64_t(first + k) * p.h_kv + kv_head) * p.rows + row; };
 
-  for (int r = warp; r < kCombineRowsPerCta; r += kCombineWarps) {
-    const int row = blockIdx.z * kCombineRowsPerCta + r;
-    if (row >= p.rows) break;
-    auto accum_row = [&](int k) { return (int64_t(first + k) * p.h_kv + kv_head) * p.rows + row; };
+  // Every warp of the row reduces the same LSEs (a few hundred bytes): cheaper than a barrier.
+  float m = -INFINITY;
+  bool nan = false;
+  for (int k = lane; k < pieces; k += 32) {
+    const float v = p.lse_accum[accum_row(k)];
+    nan |= isnan(v);
+    m = fmaxf(m, v);
+  }
+  m = warp_max(m);
+  // fmaxf drops NaN, so a piece that hit invalid data is tracked separately and wins.
+  nan = __any_sync(0xffffffff, nan);
 
-    float m = -INFINITY;
-    bool nan = false;
-    for (int k = lane; k < pieces; k += 32) {
-      const float v = p.lse_accum[accum_row(k)];
-      nan |= isnan(v);
-      m = fmaxf(m, v);
-    }
-    m = warp_max(m);
-    // fmaxf drops NaN, so a piece that hit invalid data is tracked separately and wins.
-    nan = __any_sync(0xffffffff, nan);
-
-    float4 acc[kVecs];
-    float lse;
-    if (nan || m == -INFINITY) {
-      // NaN: invalid length or page id. -inf everywhere: no visible key, out 0 and lse +inf.
-      const float fill = nan ? __int_as_float(0x7fc00000) : 0.f;
-      for (int j = 0; j < kVecs; ++j) acc[j] = make_float4(fill, fill, fill, fill);
-      lse = nan ? fill : INFINITY;
-    } else {
-      float sum = 0.f;
-      for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[accum_row(k)] - m);
-      const float lse2 = m + log2f(warp_sum(sum));
-      for (int j = 0; j < kVecs; ++j) acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int k = 0; k < pieces; ++k) {
-        const float w = exp2f(p.lse_accum[accum_row(k)] - lse2);
-        const float4* src = reinterpret_cast<const float4*>(p.out_accum + accum_row(k) * kHeadDimV);
-        for (int j = 0; j < kVecs; ++j) {
-          const float4 v = src[lane + 32 * j];
-          acc[j].x += w * v.x;
-          acc[j].y += w * v.y;
-          acc[j].z += w * v.z;
-          acc[j].w += w * v.w;
-        }
+  float4 acc;
+  float lse;
+  if (nan || m == -INFINITY) {
+    // NaN: invalid length or page id. -inf everywhere: no visible key, out 0 and lse +inf.
+    const float fill = nan ? __int_as_float(0x7fc00000) : 0.f;
+    acc = make_float4(fill, fill, fill, fill);
+    lse = nan ? fill : INFINITY;
+  } else {
+    float sum = 0.f;
+    for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[accum_row(k)] - m);
+    const float lse2 = m + log2f(warp_sum(sum));
+    acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < pieces; k0 += kCombinePieceUnroll) {
+      float w[kCombinePieceUnroll];
+      float4 v[kCombinePieceUnroll];
+#pragma unroll
+      for (int u = 0; u < kCombinePieceUnroll; ++u) {
+        // Past the last piece: reload the last one with weight 0 (a valid address, and no
+        // branch to keep the compiler from issuing the group's loads together).
+        const int k = min(k0 + u, pieces - 1);
+        v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + accum_row(k) * kHeadDimV + channel));
+        w[u] = k0 + u < pieces ? exp2f(__ldg(p.lse_accum + accum_row(k)) - lse2) : 0.f;
       }
-      lse = lse2 * kLn2;
+      // In piece order: the rounding of the sum does not depend on the grouping.
+#pragma unroll
+      for (int u = 0; u < kCombinePieceUnroll; ++u) {
+        acc.x += w[u] * v[u].x;
+        acc.y += w[u] * v[u].y;
+        acc.z += w[u] * v[u].z;
+        acc.w += w[u] * v[u].w;
+      }
     }
+    lse = lse2 * kLn2;
+  }
 
-    const PackedRow pr = unpack_row(p, kv_head, row);
-    T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV;
-    using Pair2 = typename Pair<T>::type;
-    for (int j = 0; j < kVecs; ++j) {
-      Pair2* dst = reinterpret_cast<Pair2*>(out + (lane + 32 * j) * 4);
-      dst[0] = Pair<T>::make(acc[j].x, acc[j].y);
-      dst[1] = Pair<T>::make(acc[j].z, acc[j].w);
-    }
-    if (lane == 0) p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
+  const PackedRow pr = unpack_row(p, kv_head, row);
+  T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + channel;
+  using Pair2 = typename Pair<T>::type;
+  Pair2* dst = reinterpret_cast<Pair2*>(out);
+  dst[0] = Pair<T>::make(acc.x, acc.y);
+  dst[1] = Pair<T>::make(acc.z, acc.w);
+  if (threadIdx.x == 0) p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
   }
 }
 

@@ -1,5 +1,7 @@
 // Launcher of the decode: builds the TMA descriptor of the paged cache, then enqueues the
 // attention kernel and the combine (programmatic dependent launch) on one stream.
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 
 #include "config.h"
@@ -47,7 +49,7 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
 
   // The combine starts while the attention kernel drains and waits on griddepcontrol.wait.
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.batch, p.h_kv, (p.rows + kCombineRowsPerCta - 1) / kCombineRowsPerCta);
+  config.gridDim = dim3(p.batch, p.h_kv, std::min(p.rows, kMaxGridYZ));
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;

@@ -19,8 +19,6 @@ namespace {
 constexpr const char* kOp = "mla_decode";
 constexpr double kLog2e = 1.4426950408889634;
 
-// Largest grid y/z extent (KV heads, partitions).
-constexpr int64_t kMaxGridYZ = 65535;
 
 bool is_16bit_float(ffi::DataType t) { return t == ffi::DataType::BF16 || t == ffi::DataType::F16; }
 
