@@ -98,6 +98,12 @@ class MLAAttention(nnx.Module):
         latent = jnp.concatenate([c_kv.astype(c.dtype), k_pe.astype(c.dtype)], axis=-1)
         return q_nope.astype(c.dtype), q_pe.astype(c.dtype), latent
 
+    def _project_and_cache(self, name: str, x: jax.Array, pages: jax.Array, view: StepView):
+        """Both paths' start: queries, and this step's latents written into the pages."""
+        _check_input(name, x, self.config, view)
+        q_nope, q_pe, latent = self._project(x, view.positions)
+        return q_nope, q_pe, latent, view.slots.write(pages, latent)
+
     def _output(self, o: jax.Array) -> jax.Array:
         b, t = o.shape[:2]
         return self.o_proj(o.reshape(b, t, -1).astype(self.config.dtype))
@@ -119,10 +125,8 @@ class MLAAttention(nnx.Module):
         Returns:
           ``(y, pages)``: [batch, t, hidden_size] and the updated pages.
         """
-        _check_input("prefill", x, self.config, view)
         c = self.config
-        q_nope, q_pe, latent = self._project(x, view.positions)
-        pages = view.slots.write(pages, latent)
+        q_nope, q_pe, latent, pages = self._project_and_cache("prefill", x, pages, view)
         w_uk, w_uv = self.up_projections()
         c_kv, k_pe = latent[..., : c.kv_lora_rank], latent[..., c.kv_lora_rank :]
         # Per-head keys and values, expanded from the latent (what absorption avoids).
@@ -168,10 +172,8 @@ class MLAAttention(nnx.Module):
         Returns:
           ``(y, pages)``: [batch, t, hidden_size] and the updated pages.
         """
-        _check_input("decode", x, self.config, view)
         c = self.config
-        q_nope, q_pe, latent = self._project(x, view.positions)
-        pages = view.slots.write(pages, latent)
+        q_nope, q_pe, _, pages = self._project_and_cache("decode", x, pages, view)
         w_uk, w_uv = self.up_projections()
         q_latent = jnp.einsum("bthn,chn->bthc", q_nope, w_uk, preferred_element_type=jnp.float32).astype(c.dtype)
         q = jnp.concatenate([q_latent, q_pe], axis=-1)  # [b, t, heads, 576]
