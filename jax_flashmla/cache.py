@@ -43,7 +43,8 @@ class OutOfPagesError(RuntimeError):
     """The page pool (or a request's block-table row) had no room for the tokens appended."""
 
 
-def _is_concrete(*xs) -> bool:
+def is_concrete(*xs) -> bool:
+    """Whether every array in ``xs`` holds values (eager code), so value checks can raise."""
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
 
 
@@ -161,7 +162,7 @@ class PageTable:
                 f"PageTable.append: num_new must be int32 [batch={self.batch}]; "
                 f"got shape {tuple(num_new.shape)}, dtype {num_new.dtype}"
             )
-        if _is_concrete(num_new) and not bool(jnp.all((num_new >= 0) & (num_new <= t))):
+        if is_concrete(num_new) and not bool(jnp.all((num_new >= 0) & (num_new <= t))):
             raise ValueError(f"PageTable.append: num_new must lie in [0, t={t}]; got {np.asarray(num_new).tolist()}")
         max_blocks, num_pages = self.max_blocks_per_seq, self.num_pages
         old_blocks = jnp.minimum(_cdiv_pages(self.lengths), max_blocks)
@@ -200,7 +201,7 @@ class PageTable:
         valid = (j[None, :] < num_new[:, None]) & (block < max_blocks) & (page >= 0) & (page < num_pages)
         slots = WriteSlots(page=jnp.where(valid, page, POISON_PAGE), offset=pos % PAGE_BLOCK_SIZE)
         view = StepView(block_table=block_table, seqlens=lengths, num_new=num_new, slots=slots)
-        if _is_concrete(self, num_new):
+        if is_concrete(self, num_new):
             table.check()
         return table, view
 

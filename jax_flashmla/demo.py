@@ -30,16 +30,26 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int; got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int; got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jax_flashmla.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="auto", help="model preset: tiny, small, v3-attention; auto = tiny on CPU, small on GPU")
-    p.add_argument("--layers", type=int, help="override the preset's number of layers")
-    p.add_argument("--heads", type=int, help="override the preset's number of attention heads")
-    p.add_argument("--hidden", type=int, help="override the preset's hidden size")
-    p.add_argument("--batch", type=int, help="requests decoded together (default 4 on CPU, 16 on GPU)")
+    p.add_argument("--layers", type=_positive_int, help="override the preset's number of layers")
+    p.add_argument("--heads", type=_positive_int, help="override the preset's number of attention heads")
+    p.add_argument("--hidden", type=_positive_int, help="override the preset's hidden size")
+    p.add_argument("--batch", type=_positive_int, help="requests decoded together (default 4 on CPU, 16 on GPU)")
     p.add_argument("--prompt-lens", type=_int_list,
                    help="prompt lengths, cycled over the batch (default 5,17,64,130 on CPU; 37,200,511,1000 on GPU)")
-    p.add_argument("--steps", type=int, help="new tokens per request (default 32 on CPU, 128 on GPU)")
+    p.add_argument("--steps", type=_positive_int, help="new tokens per request (default 32 on CPU, 128 on GPU)")
     p.add_argument("--implementation", choices=["auto", "xla", "cuda"], default="auto",
                    help="attention path: auto = CUDA kernels on Hopper, pure JAX elsewhere")
     p.add_argument("--per-layer-cache", action="store_true", help="one page table per layer instead of one shared layout")
@@ -90,10 +100,11 @@ def main(argv=None) -> int:
     impl = None if args.implementation == "auto" else args.implementation
 
     a = cfg.attention
+    build = build_info()
     console.print(f"[bold]jax_flashmla demo[/bold]: {device.platform} ({device.device_kind}), jax {jax.__version__}, "
-                  f"CUDA extension {'loaded' if build_info()['cuda_extension'] else 'absent'}")
-    if not build_info()["cuda_extension"]:
-        console.print(f"  ({build_info()['why_no_extension']})", markup=False)
+                  f"CUDA extension {'loaded' if build['cuda_extension'] else 'absent'}")
+    if not build["cuda_extension"]:
+        console.print(f"  ({build['why_no_extension']})", markup=False)
     t0 = time.perf_counter()
     model = MLADecoder(cfg, rngs=nnx.Rngs(args.seed))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

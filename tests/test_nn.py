@@ -393,3 +393,30 @@ def test_forced_tokens_score_a_given_continuation():
     assert not np.array_equal(forced.logits[:, 1:], greedy.logits[:, 1:])
     with pytest.raises(ValueError, match=r"forced_tokens must have shape \(2, 5\)"):
         gen.generate(prompts, lens, 5, model.init_cache(2, 4, 2), forced_tokens=other[:, :3])
+
+
+def test_generator_names_bad_prompt_arguments():
+    model = _tiny_model()
+    gen = GreedyGenerator(model)
+    prompts = np.zeros((2, 5), np.int32)
+    with pytest.raises(ValueError, match=r"prompt_lens must lie in \[0, t=5\].*\[3, 6\]"):
+        gen.generate(prompts, np.array([3, 6], np.int32), 2, model.init_cache(2, 4, 2))
+    with pytest.raises(ValueError, match=r"prompts.shape=\(2, 5\), prompt_lens.shape=\(3,\)"):
+        gen.generate(prompts, np.array([1, 1, 1], np.int32), 2, model.init_cache(2, 4, 2))
+
+
+def test_generator_stops_at_once_when_the_prompts_do_not_fit():
+    model = _tiny_model()
+    prompts = np.zeros((2, 70), np.int32)
+    with pytest.raises(OutOfPagesError, match="page pool is exhausted"):
+        GreedyGenerator(model).generate(prompts, np.array([70, 70], np.int32), 50, model.init_cache(2, 3, 3),
+                                        on_step=lambda i, s: pytest.fail("decoded after the prefill ran out of pages"))
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--steps", "--layers"])
+def test_demo_rejects_non_positive_sizes(flag, capsys):
+    from jax_flashmla import demo
+
+    with pytest.raises(SystemExit):
+        demo.parse_args([flag, "0"])
+    assert "expected a positive int; got 0" in capsys.readouterr().err

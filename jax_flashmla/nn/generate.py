@@ -62,14 +62,12 @@ class GreedyGenerator:
 
     def __init__(self, model: MLADecoder, *, implementation: str | None = None, eos_id: int | None = None):
         graphdef, self._params = nnx.split(model)
-        self.model = model
-        self.implementation = implementation
         eos = -1 if eos_id is None else int(eos_id)
 
         def prefill(params, tokens, prompt_lens, budgets, cache, forced):
             m = nnx.merge(graphdef, params)
             logits, cache = m.prefill(tokens, prompt_lens, cache)
-            first = jnp.where(forced >= 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            first = _next_token(logits, forced)
             live = prompt_lens > 0
             state = DecodeState(tokens=first, active=live, remaining=jnp.where(live, budgets - 1, 0))
             return _retire(state, first, cache, eos) + (logits,)
@@ -78,8 +76,7 @@ class GreedyGenerator:
             m = nnx.merge(graphdef, params)
             logits, cache = m.decode(state.tokens[:, None], state.active, cache, implementation=implementation)
             logits = logits[:, 0]
-            nxt = jnp.where(forced >= 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-            nxt = jnp.where(state.active, nxt, -1)
+            nxt = jnp.where(state.active, _next_token(logits, forced), -1)
             state = dataclasses.replace(state, tokens=nxt, remaining=state.remaining - state.active)
             return _retire(state, nxt, cache, eos) + (logits,)
 
@@ -93,12 +90,6 @@ class GreedyGenerator:
             lowered = fn.lower(*args)
             self._compiled[key] = (lowered.compile(), lowered.as_text())
         return self._compiled[key]
-
-    def decode_hlo(self, cache: PagedLatentCache) -> str:
-        """The decode step's lowered program text (for inspection)."""
-        b = cache.tables[0].batch
-        state = DecodeState(jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-        return self._compile("step", self._step_fn, self._params, state, cache, state.tokens)[1]
 
     def generate(
         self,
@@ -127,6 +118,17 @@ class GreedyGenerator:
         Returns:
           ``(result, cache)``; the returned cache has every finished request freed.
         """
+        prompts, prompt_lens = np.asarray(prompts), np.asarray(prompt_lens)
+        if prompts.ndim != 2 or prompt_lens.shape != prompts.shape[:1]:
+            raise ValueError(
+                f"GreedyGenerator.generate: prompts must be [batch, t] and prompt_lens [batch]; got "
+                f"prompts.shape={prompts.shape}, prompt_lens.shape={prompt_lens.shape}"
+            )
+        if (prompt_lens < 0).any() or (prompt_lens > prompts.shape[1]).any():
+            raise ValueError(
+                f"GreedyGenerator.generate: prompt_lens must lie in [0, t={prompts.shape[1]}] (the width of "
+                f"prompts); got {prompt_lens.tolist()}"
+            )
         b = prompts.shape[0]
         budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
         if (budgets < 1).any():
@@ -147,6 +149,7 @@ class GreedyGenerator:
         state, cache, logits = prefill(*args)
         first = np.asarray(state.tokens)
         prefill_s = time.perf_counter() - t0
+        cache.check()  # prompts that found no page: say so now, not after the whole generation
         t0 = time.perf_counter()
         step, hlo = self._compile("step", self._step_fn, self._params, state, cache, state.tokens)
         compile_s += time.perf_counter() - t0
@@ -177,6 +180,11 @@ class GreedyGenerator:
             attention_path=attention_path(hlo),
         )
         return result, cache
+
+
+def _next_token(logits: jax.Array, forced: jax.Array) -> jax.Array:
+    """The greedy token, or the forced one where ``forced >= 0``."""
+    return jnp.where(forced >= 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 def _retire(state: DecodeState, emitted: jax.Array, cache: PagedLatentCache, eos: int):

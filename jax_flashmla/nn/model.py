@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from .. import ops
-from ..cache import PagedLatentCache
+from ..cache import PagedLatentCache, is_concrete
 from .attention import MLAAttention
 from .config import DecoderConfig
 
@@ -109,7 +109,7 @@ class MLADecoder(nnx.Module):
         """
         self._check_tokens("prefill", tokens, cache)
         b, t = tokens.shape
-        if not any(isinstance(v, jax.core.Tracer) for v in (prompt_lens, cache.lengths)):
+        if is_concrete(prompt_lens, cache.lengths):
             busy = np.asarray((np.asarray(prompt_lens) > 0) & (np.asarray(cache.lengths) > 0))
             if busy.any():
                 raise ValueError(
