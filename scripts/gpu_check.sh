@@ -11,6 +11,8 @@
 #   suite      the whole CPU suite, which runs the kernels on this GPU (the default path there),
 #              with the build tests insisting on the extension
 #   grid       tests/test_gpu_grid.py: the contract's full grid, 4608 cases
+#   harness    the standalone decode harness alone (float64 CPU reference, poisoned inputs): a
+#              one-minute correctness check between kernel edits
 #   sanitizer  compute-sanitizer (every tool) on the standalone scheduler and decode harnesses
 #   bench      benchmarks/decode_bench.py with $BENCH_ARGS, then benchmarks/kernel_times.py (each
 #              kernel's device time under ncu) on the cells $KT_CELLS (default P1,P8)
@@ -71,12 +73,7 @@ if want grid; then
   status[grid]=${PIPESTATUS[0]}
 fi
 
-if want sanitizer; then
-  echo "== compute-sanitizer"
-  # The kernels alone, from standalone harnesses (no JAX in the process): every tool.
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Icpp -o /tmp/metadata_harness \
-    cpp/tests/metadata_harness.cu cpp/scheduler/mla_metadata.cu >"$OUT/harness_build.log" 2>&1
-  status[harness_build]=$?
+build_decode_harness() {
   cutlass_include=$(python3 -c "import importlib.util as u; print(u.find_spec('cutlass_library').submodule_search_locations[0])")/source/include
   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Icpp -I"$cutlass_include" \
     -o /tmp/decode_harness cpp/tests/decode_harness.cu cpp/decode/decode_launch.cu cpp/scheduler/mla_metadata.cu \
@@ -84,6 +81,20 @@ if want sanitizer; then
   status[decode_harness_build]=$?
   /tmp/decode_harness | tee "$OUT/decode_harness.log" | tail -1
   status[decode_harness]=${PIPESTATUS[0]}
+}
+
+if want harness && ! want sanitizer; then
+  echo "== decode harness"
+  build_decode_harness
+fi
+
+if want sanitizer; then
+  echo "== compute-sanitizer"
+  # The kernels alone, from standalone harnesses (no JAX in the process): every tool.
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -lineinfo -Icpp -o /tmp/metadata_harness \
+    cpp/tests/metadata_harness.cu cpp/scheduler/mla_metadata.cu >"$OUT/harness_build.log" 2>&1
+  status[harness_build]=$?
+  build_decode_harness
   for tool in memcheck racecheck synccheck initcheck; do
     timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/metadata_harness >"$OUT/sanitizer_metadata_$tool.log" 2>&1
     status[san_metadata_$tool]=$?
