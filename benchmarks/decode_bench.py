@@ -2,9 +2,10 @@
 
 Per-layer time: one jitted decode step = scheduler metadata once + 16 decode calls, each with its
 own q and its own block table (16 random permutations of one page pool, as 16 layers would
-have), timed end to end (host clock around a blocking call), median over the steps, divided by
-16. The same run measures the ceilings (a device copy, a bf16 matmul), the metadata alone, and
-the pure-XLA einsum decode a JAX user would otherwise write.
+have), timed end to end on the device (CUDA events recorded on XLA's stream before and after the
+step; the host clock where there is no GPU), median over the steps, divided by 16. The same run
+measures the ceilings (a device copy, a bf16 matmul), the metadata alone, and the pure-XLA
+einsum decode a JAX user would otherwise write.
 
     python benchmarks/decode_bench.py                 # P1-P10 on a GPU, small cells on CPU
     python benchmarks/decode_bench.py --cells P1,P8 --plot
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flashmla as jf
-from jax_flashmla import _ffi
+from jax_flashmla import _devtime, _ffi
 from cells import CELLS, CPU_CELLS, Cell, load_anchor, parse_cell
 from xla_baseline import xla_einsum_decode
 
@@ -35,35 +36,61 @@ LAYERS = 16
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _median_seconds(fn, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0) -> float:
-    """Median wall time of a blocking call, after ``warmup`` calls and at least ``min_warmup_s``
-    of them (an idle GPU starts at low clocks)."""
-    start = time.perf_counter()
-    done = 0
-    while done < warmup or time.perf_counter() - start < min_warmup_s:
-        jax.block_until_ready(fn(*args))
-        done += 1
-    times = []
-    for _ in range(steps):
+class Timer:
+    """Median time of a function's calls: on the device (CUDA events around the jitted program,
+    ``jax_flashmla._devtime``) where the extension and a GPU are there, else by the host clock
+    around a blocking call."""
+
+    def __init__(self, device_events: bool):
+        self.device_events = device_events
+        self.method = "device (CUDA events around the jitted step)" if device_events else "host clock around a blocking call"
+
+    def compile(self, fn, args):
+        """``fn`` jitted (bracketed by event marks when timing on the device) and compiled, and
+        the text of its lowering (to see which path it took)."""
+        lowered = jax.jit(_devtime.timed(fn) if self.device_events else fn).lower(*args)
+        return lowered.compile(), lowered.as_text()
+
+    def median_seconds(self, fn, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0, compiled=None) -> float:
+        """Median over ``steps`` calls, after ``warmup`` calls and at least ``min_warmup_s`` of
+        them (an idle GPU starts at low clocks)."""
+        run = compiled or self.compile(fn, args)[0]
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        done = 0
+        while done < warmup or time.perf_counter() - start < min_warmup_s:
+            jax.block_until_ready(run(*args))
+            done += 1
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(run(*args))
+            host = time.perf_counter() - start
+            times.append(_devtime.elapsed_ms() / 1e3 if self.device_events else host)
+        return statistics.median(times)
 
 
-def measure_ceilings(on_gpu: bool, steps: int) -> dict:
-    """Copy bandwidth (bytes read + written) and bf16 matmul rate, on this device, now."""
+def measure_ceilings(timer: Timer, on_gpu: bool, steps: int) -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, on this device, now. On a GPU
+    the copy is cudaMemcpyAsync (XLA's elementwise copy, reported beside it, varied by 13% from
+    run to run on the H100 and stays below it)."""
     key = jax.random.key(1)
     nbytes = (2 << 30) if on_gpu else (256 << 20)
     x = jax.random.bits(key, (nbytes // 4,), jnp.uint32)
-    copy = jax.jit(lambda x: x ^ jnp.uint32(0x5A5A5A5A))
-    copy_s = _median_seconds(copy, (x,), steps, min_warmup_s=1.0)
+    xla_copy_s = timer.median_seconds(lambda x: x ^ jnp.uint32(0x5A5A5A5A), (x,), steps, min_warmup_s=1.0)
+    copy_s = timer.median_seconds(_devtime.device_copy, (x,), steps, min_warmup_s=1.0) if timer.device_events else xla_copy_s
     del x
     n = 8192 if on_gpu else 2048
     a = jax.random.normal(key, (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    mm_s = _median_seconds(jax.jit(jnp.dot), (a, b), steps, min_warmup_s=1.0)
-    return {"copy_GBps": 2 * nbytes / copy_s / 1e9, "copy_bytes": nbytes, "matmul_TFLOPs": 2 * n**3 / mm_s / 1e12, "matmul_n": n}
+    mm_s = timer.median_seconds(jnp.dot, (a, b), steps, min_warmup_s=1.0)
+    return {
+        "copy_GBps": 2 * nbytes / copy_s / 1e9,
+        "copy_method": "cudaMemcpyAsync device to device" if timer.device_events else "XLA elementwise (x ^ c)",
+        "xla_copy_GBps": 2 * nbytes / xla_copy_s / 1e9,
+        "copy_bytes": nbytes,
+        "matmul_TFLOPs": 2 * n**3 / mm_s / 1e12,
+        "matmul_n": n,
+    }
 
 
 def make_inputs(cell: Cell, dtype, seed: int = 0):
@@ -89,12 +116,12 @@ def flashmla_step(cell: Cell):
             for i in range(LAYERS)
         ]
 
-    return jax.jit(step)
+    return step
 
 
 def metadata_step(cell: Cell):
     rows = cell.s_q * cell.h_q // cell.h_kv
-    return jax.jit(lambda lengths: jf.get_mla_metadata(lengths, rows, cell.h_kv))
+    return lambda lengths: jf.get_mla_metadata(lengths, rows, cell.h_kv)
 
 
 def xla_step(cell: Cell):
@@ -104,7 +131,7 @@ def xla_step(cell: Cell):
             for i in range(LAYERS)
         ]
 
-    return jax.jit(step)
+    return step
 
 
 def _out_of_memory(err: Exception) -> bool:
@@ -112,15 +139,15 @@ def _out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def run_cell(cell: Cell, steps: int, with_xla: bool, ceilings: dict, anchor: dict | None) -> dict:
+def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dict, anchor: dict | None) -> dict:
     inputs = make_inputs(cell, jnp.bfloat16)
     lengths = np.asarray(inputs[3])
     mean_len = float(lengths.mean())
     flops, nbytes = cell.flops_bytes(mean_len)
-    lowered = flashmla_step(cell).lower(*inputs)
-    path = "kernel" if _ffi.DECODE_TARGET in lowered.as_text() else "pure JAX"
-    seconds = _median_seconds(lowered.compile(), inputs, steps) / LAYERS
-    meta_us = _median_seconds(metadata_step(cell), (inputs[3],), steps) * 1e6
+    compiled, text = timer.compile(flashmla_step(cell), inputs)
+    path = "kernel" if _ffi.DECODE_TARGET in text else "pure JAX"
+    seconds = timer.median_seconds(None, inputs, steps, compiled=compiled) / LAYERS
+    meta_us = timer.median_seconds(metadata_step(cell), (inputs[3],), steps) * 1e6
     row = {
         "name": cell.name, "b": cell.b, "s_q": cell.s_q, "h_q": cell.h_q, "h_kv": cell.h_kv, "s_k": cell.s_k,
         "varlen": cell.varlen, "causal": cell.causal, "mean_len": mean_len, "path": path,
@@ -135,7 +162,7 @@ def run_cell(cell: Cell, steps: int, with_xla: bool, ceilings: dict, anchor: dic
     row["xla_us"] = None
     if with_xla:
         try:
-            row["xla_us"] = _median_seconds(xla_step(cell), inputs, max(3, steps // 3)) / LAYERS * 1e6
+            row["xla_us"] = timer.median_seconds(xla_step(cell), inputs, max(3, steps // 3)) / LAYERS * 1e6
         except Exception as err:  # noqa: BLE001 - an OOM is a result here, anything else is not
             if not _out_of_memory(err):
                 raise
@@ -154,8 +181,8 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(rows: list[dict], ceilings: dict) -> None:
     print(
-        f"\nceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
-        f"bf16 matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s (n={ceilings['matmul_n']})"
+        f"\nceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write, {ceilings['copy_method']}; "
+        f"XLA's copy {ceilings['xla_copy_GBps']:.0f}), bf16 matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s (n={ceilings['matmul_n']})"
     )
     head = f"{'cell':<5} {'shape':<38} {'path':<8} {'us/layer':>9} {'GB/s':>7} {'TFLOP/s':>8} {'%copy':>6} {'%mm':>5} {'meta us':>8} {'anchor us':>9} {'x anchor':>8} {'XLA us':>9} {'x XLA':>6}"
     print(head)
@@ -198,6 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", help="comma-separated cell names (P1..P10, C1, C2) or one b=..,s_q=..,h_q=..,s_k=.. spec")
     parser.add_argument("--steps", type=int, help="timed steps per cell (default 30 on GPU, 5 on CPU)")
     parser.add_argument("--no-xla", action="store_true", help="skip the XLA einsum baseline")
+    parser.add_argument("--host-timing", action="store_true", help="time by the host clock even where device events work")
     parser.add_argument("--anchor", help="path of the FlashMLA anchor JSON (default: ../shared/anchors)")
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/last_run-<platform>.json)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG of per-cell time against the anchor")
@@ -216,11 +244,13 @@ def main(argv=None) -> int:
 
     build = "CUDA extension" if jf.build_info()["cuda_extension"] else "pure JAX only"
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, build: {build}")
-    ceilings = measure_ceilings(on_gpu, steps)
+    timer = Timer(device_events=_devtime.available() and not args.host_timing)
+    print(f"timing: {timer.method}")
+    ceilings = measure_ceilings(timer, on_gpu, steps)
     rows = []
     for cell in cells:
         print(f"running {cell.name}: {cell.label()} ...", flush=True)
-        row = run_cell(cell, steps, not args.no_xla, ceilings, anchor)
+        row = run_cell(timer, cell, steps, not args.no_xla, ceilings, anchor)
         row["device"] = device.device_kind
         rows.append(row)
     print_table(rows, ceilings)
@@ -233,9 +263,10 @@ def main(argv=None) -> int:
         "platform": device.platform,
         "jax": jax.__version__,
         "build": jf.build_info(),
-        "protocol": __doc__.strip().splitlines()[2:7],
+        "protocol": " ".join(__doc__.strip().splitlines()[2:9]),
         "layers": LAYERS,
         "steps": steps,
+        "timing": timer.method,
         "ceilings": ceilings,
         "anchor": anchor["path"] if anchor else None,
         "rows": rows,

@@ -3,6 +3,10 @@
 #include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 
+#include <stdexcept>
+#include <string>
+
+#include "ffi/bench.h"
 #include "ffi/handlers.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -27,6 +31,22 @@ NB_MODULE(_flashmla_cuda, m) {
     targets[jax_flashmla::kDecodeTarget] = handler_capsule(JaxFlashmlaMlaDecode);
     return targets;
   }, "Custom-call target name -> FFI handler capsule, for platform CUDA.");
+  m.def("bench_registrations", []() {
+    nb::dict targets;
+    targets[jax_flashmla::kEventMarkTarget] = handler_capsule(JaxFlashmlaEventMark);
+    targets[jax_flashmla::kDeviceCopyTarget] = handler_capsule(JaxFlashmlaDeviceCopy);
+    return targets;
+  }, "Benchmark-only targets (an event mark, a device copy): not part of the public API.");
+  m.def("event_elapsed_ms", [](int64_t start_slot, int64_t stop_slot) {
+    float ms = 0.f;
+    const cudaError_t err = jax_flashmla::event_elapsed_ms(start_slot, stop_slot, &ms);
+    if (err != cudaSuccess) {
+      throw std::runtime_error(std::string("jax_flashmla event_elapsed_ms(") + std::to_string(start_slot) + ", " +
+                               std::to_string(stop_slot) + "): CUDA error " + cudaGetErrorName(err) + ": " +
+                               cudaGetErrorString(err));
+    }
+    return ms;
+  }, "Milliseconds between the last records of two event-mark slots (waits for the second).");
   m.def("ffi_api_version", []() { return nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR); },
         "(major, minor) XLA FFI API version of the headers this extension was compiled with.");
   m.def("cuda_arch", []() { return JAX_FLASHMLA_CUDA_ARCH; }, "GPU architecture the kernels were compiled for.");

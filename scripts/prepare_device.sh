@@ -5,6 +5,8 @@
 #   .device/ffi-0.3/  the XLA FFI headers of jaxlib 0.10.2, the oldest supported runtime, so the
 #             device build uses the same FFI API as a pip build (the device has jaxlib 0.11.2)
 #   .device/anchors/  the FlashMLA anchor, for the benchmark's ratio column
+#   .variants/NAME/   with VARIANTS="NAME=REV ...": the source tree of each git revision, for
+#             scripts/ab_bench.sh (kernel A/B runs in one device call; carry .variants too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl .device/anchors
@@ -21,4 +23,11 @@ if [ ! -f .device/ffi-0.3/xla/ffi/api/c_api.h ]; then
 fi
 grep -E "define XLA_FFI_API_(MAJOR|MINOR)" .device/ffi-0.3/xla/ffi/api/c_api.h
 if [ -f ../shared/anchors/flashmla-h100.json ]; then cp ../shared/anchors/flashmla-h100.json .device/anchors/; fi
-du -sh .whl .device
+rm -rf .variants
+for spec in ${VARIANTS:-}; do
+  name=${spec%%=*}; rev=${spec#*=}
+  mkdir -p ".variants/$name"
+  git archive "$rev" | tar -x -C ".variants/$name"
+  echo "variant $name = $(git rev-parse --short "$rev") $(git log -1 --format=%s "$rev" | cut -c1-80)" | tee ".variants/$name/VARIANT"
+done
+du -sh .whl .device .variants 2>/dev/null

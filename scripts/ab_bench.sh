@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE MACHINE (an H100), from the repository root: kernel A/B in one call.
+#
+# Here first:   VARIANTS="base=main new=perf/x" bash scripts/prepare_device.sh
+# Device call:  bash scripts/ab_bench.sh        (carry .whl, .device and .variants)
+#
+# Builds every .variants/NAME side by side, runs each one's standalone decode harness (float64
+# CPU reference, poisoned inputs: a variant that fails it is not timed), then times each with
+# THIS tree's benchmarks/decode_bench.py on $AB_CELLS (same protocol, same tool for all), and
+# prints benchmarks/compare.py's table last. JSON per variant goes to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/jax_flashmla_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+AB_CELLS=${AB_CELLS:-P1,P2,P3,P4,P5,P6,P7,P8,P9,P10}
+AB_STEPS=${AB_STEPS:-10}
+ROOT=$PWD
+
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/cutlass  # cutlass_library: the CUTLASS/CuTe headers for every build
+[ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$ROOT/.device/ffi-0.3
+cutlass_include=/tmp/cutlass/cutlass_library/source/include
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+
+names=()
+for dir in .variants/*/; do names+=("$(basename "$dir")"); done
+[ ${#names[@]} -gt 0 ] || { echo "no .variants: run VARIANTS=... scripts/prepare_device.sh here first"; exit 1; }
+
+echo "== build ${names[*]} (in parallel)"
+start=$(date +%s)
+for name in "${names[@]}"; do
+  (
+    cd ".variants/$name" || exit 1
+    JAX_FLASHMLA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab/$name" . \
+      >"$OUT/build_$name.log" 2>&1
+    echo "build $name rc=$?"
+    nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp -I"$cutlass_include" \
+      -o "/tmp/ab/harness_$name" cpp/tests/decode_harness.cu cpp/decode/decode_launch.cu cpp/scheduler/mla_metadata.cu \
+      >"$OUT/harness_build_$name.log" 2>&1
+    echo "harness build $name rc=$?"
+  ) &
+done
+wait
+echo "builds done in $(( $(date +%s) - start ))s"
+
+jsons=()
+for name in "${names[@]}"; do
+  echo "== $name: $(cat ".variants/$name/VARIANT" 2>/dev/null)"
+  if ! "/tmp/ab/harness_$name" >"$OUT/harness_$name.log" 2>&1; then
+    echo "$name: decode harness FAILED, not timed:"; tail -5 "$OUT/harness_$name.log"; continue
+  fi
+  tail -1 "$OUT/harness_$name.log"
+  PYTHONPATH="/tmp/ab/$name" timeout 420 python3 benchmarks/decode_bench.py --no-xla --cells "$AB_CELLS" \
+    --steps "$AB_STEPS" --anchor .device/anchors/flashmla-h100.json --json "$OUT/ab_$name.json" >"$OUT/bench_$name.log" 2>&1
+  rc=$?
+  echo "bench $name rc=$rc"; [ $rc = 0 ] && jsons+=("$OUT/ab_$name.json") || tail -5 "$OUT/bench_$name.log"
+done
+
+echo "== summary"
+[ ${#jsons[@]} -gt 0 ] && python3 benchmarks/compare.py "${jsons[@]}"
