@@ -46,7 +46,7 @@ echo "builds done in $(( $(date +%s) - start ))s"
 jsons=()
 for name in "${names[@]}"; do
   echo "== $name: $(cat ".variants/$name/VARIANT" 2>/dev/null)"
-  if ! "/tmp/ab/harness_$name" >"$OUT/harness_$name.log" 2>&1; then
+  if ! timeout 180 "/tmp/ab/harness_$name" >"$OUT/harness_$name.log" 2>&1; then
     echo "$name: decode harness FAILED, not timed:"; tail -5 "$OUT/harness_$name.log"; continue
   fi
   tail -1 "$OUT/harness_$name.log"
@@ -57,4 +57,4 @@ for name in "${names[@]}"; do
 done
 
 echo "== summary"
-[ ${#jsons[@]} -gt 0 ] && python3 benchmarks/compare.py "${jsons[@]}"
+if [ ${#jsons[@]} -gt 0 ]; then python3 benchmarks/compare.py "${jsons[@]}"; else echo "no variant was timed"; exit 1; fi
