@@ -4,6 +4,10 @@
 # Here first:   VARIANTS="base=main new=perf/x" bash scripts/prepare_device.sh
 # Device call:  bash scripts/ab_bench.sh        (carry .whl, .device and .variants)
 #
+# A call may not run past 10 minutes; about 1.5 min per variant on P1-P10 plus 1.5 min of builds.
+# With more than 4 variants, split: AB_VARIANTS="v0 v1 v2" first, then, on the still-warm
+# machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab).
+#
 # Builds every .variants/NAME side by side, runs each one's standalone decode harness (float64
 # CPU reference, poisoned inputs: a variant that fails it is not timed), then times each with
 # THIS tree's benchmarks/decode_bench.py on $AB_CELLS (same protocol, same tool for all), and
@@ -22,13 +26,15 @@ export PYTHONPATH=/tmp/cutlass  # cutlass_library: the CUTLASS/CuTe headers for 
 cutlass_include=/tmp/cutlass/cutlass_library/source/include
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
-names=()
-for dir in .variants/*/; do names+=("$(basename "$dir")"); done
-[ ${#names[@]} -gt 0 ] || { echo "no .variants: run VARIANTS=... scripts/prepare_device.sh here first"; exit 1; }
+all_names=()
+for dir in .variants/*/; do all_names+=("$(basename "$dir")"); done
+[ ${#all_names[@]} -gt 0 ] || { echo "no .variants: run VARIANTS=... scripts/prepare_device.sh here first"; exit 1; }
+read -r -a names <<<"${AB_VARIANTS:-${all_names[*]}}"
 
-echo "== build ${names[*]} (in parallel)"
+if [ "${AB_SKIP_BUILD:-0}" != 1 ]; then
+echo "== build ${all_names[*]} (in parallel)"
 start=$(date +%s)
-for name in "${names[@]}"; do
+for name in "${all_names[@]}"; do
   (
     cd ".variants/$name" || exit 1
     JAX_FLASHMLA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab/$name" . \
@@ -42,6 +48,7 @@ for name in "${names[@]}"; do
 done
 wait
 echo "builds done in $(( $(date +%s) - start ))s"
+fi
 
 jsons=()
 for name in "${names[@]}"; do
