@@ -51,10 +51,9 @@ class Timer:
         lowered = jax.jit(_devtime.timed(fn) if self.device_events else fn).lower(*args)
         return lowered.compile(), lowered.as_text()
 
-    def median_seconds(self, fn, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0, compiled=None) -> float:
-        """Median over ``steps`` calls, after ``warmup`` calls and at least ``min_warmup_s`` of
-        them (an idle GPU starts at low clocks)."""
-        run = compiled or self.compile(fn, args)[0]
+    def measure(self, run, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0) -> float:
+        """Median seconds of ``run`` (from ``compile``) over ``steps`` calls, after ``warmup``
+        calls and at least ``min_warmup_s`` of them (an idle GPU starts at low clocks)."""
         start = time.perf_counter()
         done = 0
         while done < warmup or time.perf_counter() - start < min_warmup_s:
@@ -64,15 +63,18 @@ class Timer:
         for _ in range(steps):
             start = time.perf_counter()
             jax.block_until_ready(run(*args))
-            host = time.perf_counter() - start
-            times.append(_devtime.elapsed_ms() / 1e3 if self.device_events else host)
+            times.append(_devtime.elapsed_ms() / 1e3 if self.device_events else time.perf_counter() - start)
         return statistics.median(times)
+
+    def median_seconds(self, fn, args, steps: int, **warmup) -> float:
+        """``measure`` of ``fn`` compiled for ``args``."""
+        return self.measure(self.compile(fn, args)[0], args, steps, **warmup)
 
 
 def measure_ceilings(timer: Timer, on_gpu: bool, steps: int) -> dict:
-    """Copy bandwidth (bytes read + written) and bf16 matmul rate, on this device, now. On a GPU
-    the copy is cudaMemcpyAsync (XLA's elementwise copy, reported beside it, varied by 13% from
-    run to run on the H100 and stays below it)."""
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, on this device, now. With
+    device timing the copy is cudaMemcpyAsync; XLA's elementwise copy, which varied by 13% from
+    run to run on the H100, is reported beside it."""
     key = jax.random.key(1)
     nbytes = (2 << 30) if on_gpu else (256 << 20)
     x = jax.random.bits(key, (nbytes // 4,), jnp.uint32)
@@ -146,7 +148,7 @@ def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dic
     flops, nbytes = cell.flops_bytes(mean_len)
     compiled, text = timer.compile(flashmla_step(cell), inputs)
     path = "kernel" if _ffi.DECODE_TARGET in text else "pure JAX"
-    seconds = timer.median_seconds(None, inputs, steps, compiled=compiled) / LAYERS
+    seconds = timer.measure(compiled, inputs, steps) / LAYERS
     meta_us = timer.median_seconds(metadata_step(cell), (inputs[3],), steps) * 1e6
     row = {
         "name": cell.name, "b": cell.b, "s_q": cell.s_q, "h_q": cell.h_q, "h_kv": cell.h_kv, "s_k": cell.s_k,

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ffi/bench.h"
+#include "ffi/ffi_utils.h"
 #include "ffi/handlers.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -41,9 +42,8 @@ NB_MODULE(_flashmla_cuda, m) {
     float ms = 0.f;
     const cudaError_t err = jax_flashmla::event_elapsed_ms(start_slot, stop_slot, &ms);
     if (err != cudaSuccess) {
-      throw std::runtime_error(std::string("jax_flashmla event_elapsed_ms(") + std::to_string(start_slot) + ", " +
-                               std::to_string(stop_slot) + "): CUDA error " + cudaGetErrorName(err) + ": " +
-                               cudaGetErrorString(err));
+      throw std::runtime_error(jax_flashmla::cuda_error_text(
+          "event_elapsed_ms(" + std::to_string(start_slot) + ", " + std::to_string(stop_slot) + ")", err));
     }
     return ms;
   }, "Milliseconds between the last records of two event-mark slots (waits for the second).");

@@ -23,7 +23,6 @@ ROOT=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/cutlass  # cutlass_library: the CUTLASS/CuTe headers for every build
 [ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$ROOT/.device/ffi-0.3
-cutlass_include=/tmp/cutlass/cutlass_library/source/include
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
 all_names=()
@@ -40,9 +39,7 @@ for name in "${all_names[@]}"; do
     JAX_FLASHMLA_CUDA=ON python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab/$name" . \
       >"$OUT/build_$name.log" 2>&1
     echo "build $name rc=$?"
-    nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp -I"$cutlass_include" \
-      -o "/tmp/ab/harness_$name" cpp/tests/decode_harness.cu cpp/decode/decode_launch.cu cpp/scheduler/mla_metadata.cu \
-      >"$OUT/harness_build_$name.log" 2>&1
+    bash "$ROOT/scripts/build_decode_harness.sh" "/tmp/ab/harness_$name" >"$OUT/harness_build_$name.log" 2>&1
     echo "harness build $name rc=$?"
   ) &
 done

@@ -74,10 +74,7 @@ if want grid; then
 fi
 
 build_decode_harness() {
-  cutlass_include=$(python3 -c "import importlib.util as u; print(u.find_spec('cutlass_library').submodule_search_locations[0])")/source/include
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -Icpp -I"$cutlass_include" \
-    -o /tmp/decode_harness cpp/tests/decode_harness.cu cpp/decode/decode_launch.cu cpp/scheduler/mla_metadata.cu \
-    >"$OUT/decode_harness_build.log" 2>&1
+  bash scripts/build_decode_harness.sh /tmp/decode_harness >"$OUT/decode_harness_build.log" 2>&1
   status[decode_harness_build]=$?
   /tmp/decode_harness | tee "$OUT/decode_harness.log" | tail -1
   status[decode_harness]=${PIPESTATUS[0]}

@@ -21,11 +21,13 @@ inline std::string shape_string(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-// A CUDA error of `op` as an FFI error that names it.
-inline ffi::Error cuda_error(const char* op, cudaError_t err) {
-  return ffi::Error::Internal(std::string("jax_flashmla ") + op + ": CUDA error " + cudaGetErrorName(err) + ": " +
-                              cudaGetErrorString(err));
+// "jax_flashmla <op>: CUDA error <name>: <description>", for FFI errors and Python exceptions.
+inline std::string cuda_error_text(const std::string& op, cudaError_t err) {
+  return "jax_flashmla " + op + ": CUDA error " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err);
 }
+
+// A CUDA error of `op` as an FFI error that names it.
+inline ffi::Error cuda_error(const char* op, cudaError_t err) { return ffi::Error::Internal(cuda_error_text(op, err)); }
 
 // Any CUDA error left by the launches of `op` becomes an FFI error that names it.
 inline ffi::Error cuda_status(const char* op) {
