@@ -34,8 +34,7 @@ inline constexpr int kDecodeThreads = kNumWarpgroups * kWarpgroupThreads;
 // Channels per shared-memory column tile: one 128-byte swizzle row of 16-bit values. It is both
 // the TMA box width and the K extent of one GMMA swizzle atom.
 inline constexpr int kHeadDimTile = 64;
-// Column tiles of one 64x576 K block; each has its own TMA transaction barrier, so the QK^T of
-// tile t starts as soon as tile t has landed.
+// Column tiles of one 64x576 K block: one TMA box each, all counted by the stage's barrier.
 inline constexpr int kNumKTiles = kHeadDim / kHeadDimTile;
 // Keys of a block whose logits one warpgroup computes (QK^T is split along the keys).
 inline constexpr int kHalfBlockN = kBlockN / kNumWarpgroups;

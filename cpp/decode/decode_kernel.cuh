@@ -38,8 +38,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
-    for (int s = 0; s < kKStages; ++s)
-      for (int t = 0; t < kNumKTiles; ++t) cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s][t], 1);
+    for (int s = 0; s < kKStages; ++s) cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s], 1);
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();

@@ -46,6 +46,7 @@ struct KernelTraits {
 
   static constexpr int kTileElems = kBlockN * kHeadDimTile;
   static constexpr int kTileBytes = kTileElems * int(sizeof(T));
+  static constexpr int kBlockBytes = kNumKTiles * kTileBytes;
 };
 
 template <typename T>
@@ -58,8 +59,8 @@ struct SharedStorage {
   // Per-warpgroup row maxima and row sums, exchanged so that both halves rescale identically.
   float row_max[kNumWarpgroups][kBlockM];
   float row_sum[kNumWarpgroups][kBlockM];
-  // One transaction barrier per K column tile and stage.
-  alignas(8) uint64_t k_full[kKStages][kNumKTiles];
+  // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
+  alignas(8) uint64_t k_full[kKStages];
 };
 
 // Named barriers (ids above CUTLASS's reserved ones); each is used by all kDecodeThreads.

@@ -55,13 +55,13 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
   Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
   Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
   auto cta_tma = tma_k.get_slice(_0{});
+  uint64_t& bar = smem.k_full[stage];
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kBlockBytes);
   CUTE_UNROLL
   for (int t = 0; t < kNumKTiles; ++t) {
     Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
     Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
                                typename Traits::SmemLayoutKTile{});
-    uint64_t& bar = smem.k_full[stage][t];
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kTileBytes);
     // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
     copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
          cta_tma.partition_D(sTile));
@@ -69,7 +69,10 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
 }
 
 // S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`. Waits for
-// each column tile's barrier just before its wgmmas, so compute follows the TMA copies.
+// the whole block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519,
+// "warpgroup.arrive injected"), which drains the tensor pipe once per column tile. The TMA
+// copies of the block run ahead of the compute anyway (the next block is issued before this one
+// is consumed), so streaming tile by tile bought nothing.
 template <typename T, typename FragS>
 __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
   using Traits = KernelTraits<T>;
@@ -80,20 +83,15 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, Fr
   Tensor sKhalf = local_tile(sK, Shape<Int<kHalfBlockN>, Int<kHeadDim>>{}, make_coord(wg, _0{}));
   Tensor tSrQ = thr.partition_fragment_A(sQ);      // (MMA, MMA_M, kHeadDim / 16)
   Tensor tSrK = thr.partition_fragment_B(sKhalf);  // (MMA, MMA_N, kHeadDim / 16)
-  constexpr int kKBlocksPerTile = kHeadDimTile / 16;  // wgmma K is 16 for 16-bit inputs
-  static_assert(size<2>(decltype(tSrQ){}) == kNumKTiles * kKBlocksPerTile);
 
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], phase);
   warpgroup_fence_operand(tSrS);
   warpgroup_arrive();
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
-  for (int t = 0; t < kNumKTiles; ++t) {
-    cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][t], phase);
-    CUTE_UNROLL
-    for (int kb = t * kKBlocksPerTile; kb < (t + 1) * kKBlocksPerTile; ++kb) {
-      cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-      mma.accumulate_ = GMMA::ScaleOut::One;
-    }
+  for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+    cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+    mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
   warpgroup_wait<0>();
