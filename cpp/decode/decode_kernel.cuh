@@ -2,9 +2,10 @@
 // of its partition (scheduler/mla_metadata.h) block by block.
 //
 // Per 64-token block, both warpgroups:
-//   1. S_half = Q K_half^T      (wgmma; warpgroup w takes keys [32w, 32w + 32) of the block)
-//   2. scale to base 2, mask by replacement, block row max -> shared memory      | kBarRowMax
-//   3. thread 0 issues the TMA copies of the next block into the other stage
+//   1. once both are past the previous block's PV, thread 0 issues the TMA copies of the next
+//      block into the stage that block used                                    | kBarStageFree
+//   2. S_half = Q K_half^T      (wgmma; warpgroup w takes keys [32w, 32w + 32) of the block)
+//   3. scale to base 2, mask by replacement, block row max -> shared memory      | kBarRowMax
 //   4. running max from both halves, P = exp2(S - m), rescale O, P -> shared memory,
 //      zero V rows past the length in the last block                           | kBarP
 //   5. O_half += P V_half        (wgmma; warpgroup w owns channels [256w, 256w + 256))
@@ -89,7 +90,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     }
 
     if (begin < n_end) {
-      if (threadIdx.x == 0) issue_k_block(tma_k, p, smem, loaded % kKStages, pages[begin], kv_head);
+      // Both stages are free (the barrier above): fill both before the synchronous Q load.
+      if (threadIdx.x == 0) {
+        issue_k_block(tma_k, p, smem, loaded % kKStages, pages[begin], kv_head);
+        if (begin + 1 < n_end) issue_k_block(tma_k, p, smem, (loaded + 1) % kKStages, pages[begin + 1], kv_head);
+      }
       load_q(p, smem, req, kv_head, row_block);
     }
 
@@ -106,6 +111,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     clear(tOrO);
     for (int n = begin; n < n_end; ++n, ++loaded) {
       const int stage = loaded % kKStages;
+      if (n > begin && n + 1 < n_end) {
+        // The other stage held block n - 1. Refill it as soon as both warpgroups are past that
+        // block's PV, before this block's QK^T: when loads are slower than compute, this keeps a
+        // block in flight at all times (issuing after QK^T left the memory idle for that long).
+        // Only warp 0 waits; the others arrive and go on.
+        if (threadIdx.x < 32)
+          cutlass::arch::NamedBarrier::sync(kDecodeThreads, kBarStageFree);
+        else
+          cutlass::arch::NamedBarrier::arrive(kDecodeThreads, kBarStageFree);
+        if (threadIdx.x == 0) issue_k_block(tma_k, p, smem, (loaded + 1) % kKStages, pages[n + 1], kv_head);
+      }
       gemm_qk(smem, stage, (loaded / kKStages) & 1, wg, tSrS);
 
       const int key0 = n * kBlockN + wg * kHalfBlockN;
@@ -115,11 +131,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       if (lane % 4 == 0)
         for (int r = 0; r < kRowsPerThread; ++r) smem.row_max[wg][rows[r]] = mx[r];
       cutlass::arch::NamedBarrier::arrive_and_wait(kDecodeThreads, kBarRowMax);
-
-      // Both warpgroups have finished the previous block (its PV ended before the barrier), so
-      // the other stage is free.
-      if (threadIdx.x == 0 && n + 1 < n_end)
-        issue_k_block(tma_k, p, smem, (loaded + 1) % kKStages, pages[n + 1], kv_head);
 
       float mx0[kRowsPerThread], mx1[kRowsPerThread], alpha[kRowsPerThread];
       for (int r = 0; r < kRowsPerThread; ++r) {
