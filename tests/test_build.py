@@ -155,3 +155,32 @@ def test_switch_off_wins_and_config_settings_override_env(monkeypatch):
     monkeypatch.setenv("JAX_FLASHMLA_CUDA", "maybe")
     with pytest.raises(ValueError, match="AUTO, ON or OFF"):
         backend._resolve(None)
+
+
+def _cutlass_include() -> Path | None:
+    env = os.environ.get("JAX_FLASHMLA_CUTLASS_INCLUDE_DIR")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("cutlass_library")
+    return Path(spec.submodule_search_locations[0]) / "source" / "include" if spec else None
+
+
+def test_decode_kernels_compile_without_spills_or_serialised_wgmma(tmp_path):
+    """ptxas's resource report for the decode kernels: no register spills, and no wgmma chain
+    that ptxas had to fence (warning C7519, a tensor-pipe drain inside the main loop)."""
+    import shutil
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    include = _cutlass_include()
+    if nvcc is None or include is None or not (include / "cute" / "tensor.hpp").exists():
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass, or JAX_FLASHMLA_CUTLASS_INCLUDE_DIR)")
+    cmd = [nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
+           "-Icpp", "-isystem", str(include), "-Xptxas", "-v", "-c", "cpp/decode/decode_launch.cu",
+           "-o", str(tmp_path / "decode_launch.o")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-3000:]
+    assert "C7519" not in report, [line for line in report.splitlines() if "C7519" in line][:3]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert spills, report[-2000:]
+    assert all(s == "0" and l == "0" for s, l in spills), spills
