@@ -168,9 +168,7 @@ def _cutlass_include() -> Path | None:
 def test_decode_kernels_compile_without_spills_or_serialised_wgmma(tmp_path):
     """ptxas's resource report for the decode kernels: no register spills, and no wgmma chain
     that ptxas had to fence (warning C7519, a tensor-pipe drain inside the main loop)."""
-    import shutil
-
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+    nvcc = _backend()._find_nvcc()  # the same nvcc a CUDA build would use
     include = _cutlass_include()
     if nvcc is None or include is None or not (include / "cute" / "tensor.hpp").exists():
         pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass, or JAX_FLASHMLA_CUTLASS_INCLUDE_DIR)")
