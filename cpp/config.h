@@ -19,10 +19,11 @@ inline constexpr int kFixedOverheadBlocks = 5;
 // int32 columns of one tile_scheduler_metadata row (layout: scheduler/mla_metadata.h).
 inline constexpr int kMetadataCols = 8;
 
-// Scheduler kernel: threads that stage per-request block counts and reduce their sum.
-inline constexpr int kSchedulerThreads = 128;
-// Requests whose block counts are staged in shared memory (32 KiB, under the 48 KiB static
-// limit); the serial pass reads later ones from global memory.
+// Scheduler kernel: threads that scan the request costs and fill the rows in parallel (one warp
+// of them walks the partitions).
+inline constexpr int kSchedulerThreads = 256;
+// Requests whose cost prefix is kept in shared memory (32 KiB, under the 48 KiB static limit);
+// a larger batch keeps it in its num_splits output, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
 
 // ---- Split-KV decode kernel (cpp/decode) ----
