@@ -4,8 +4,9 @@ Per-layer time: one jitted decode step = scheduler metadata once + 16 decode cal
 own q and its own block table (16 random permutations of one page pool, as 16 layers would
 have), timed end to end on the device (CUDA events recorded on XLA's stream before and after the
 step; the host clock where there is no GPU), median over the steps, divided by 16. The same run
-measures the ceilings (a device copy, a bf16 matmul), the metadata alone, and the pure-XLA
-einsum decode a JAX user would otherwise write.
+measures the ceilings (a device copy, a bf16 matmul), the metadata kernel alone (per call, 16
+calls back to back behind a device copy, see ``metadata_seconds``), and the pure-XLA einsum
+decode a JAX user would otherwise write.
 
     python benchmarks/decode_bench.py                 # P1-P10 on a GPU, small cells on CPU
     python benchmarks/decode_bench.py --cells P1,P8 --plot
@@ -122,8 +123,31 @@ def flashmla_step(cell: Cell):
 
 
 def metadata_step(cell: Cell):
+    """LAYERS scheduler calls in one program, each on its own lengths (so that none is shared)."""
     rows = cell.s_q * cell.h_q // cell.h_kv
-    return lambda lengths: jf.get_mla_metadata(lengths, rows, cell.h_kv)
+    return lambda lengths_list: [jf.get_mla_metadata(L, rows, cell.h_kv) for L in lengths_list]
+
+
+def metadata_seconds(timer: Timer, cell: Cell, lengths: jax.Array, steps: int) -> float:
+    """Device time of one scheduler call. A one-kernel program timed alone measures the host's
+    dispatch of it (the GPU waits for each launch), so LAYERS calls run back to back behind a
+    1 GiB device copy, during which the host has enqueued them all; the events bracket only the
+    calls. Host clock, LAYERS calls per program, where there is no device timing."""
+    lengths_list = [lengths + i for i in range(LAYERS)]  # varied so that no two calls are the same
+    if not timer.device_events:
+        return timer.median_seconds(metadata_step(cell), (lengths_list,), steps) / LAYERS
+    busy = jnp.zeros((1 << 30) // 4, jnp.uint32)
+    fn = metadata_step(cell)
+
+    def program(busy, lengths_list):
+        copied = _devtime.device_copy(busy)
+        start = _devtime.mark(0, copied)
+        lengths_list, _ = jax.lax.optimization_barrier((lengths_list, start))
+        out = fn(lengths_list)
+        return copied, _devtime.mark(1, *jax.tree.leaves(out))
+
+    run = jax.jit(program).lower(busy, lengths_list).compile()
+    return timer.measure(run, (busy, lengths_list), steps) / LAYERS
 
 
 def xla_step(cell: Cell):
@@ -149,7 +173,7 @@ def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dic
     compiled, text = timer.compile(flashmla_step(cell), inputs)
     path = "kernel" if _ffi.DECODE_TARGET in text else "pure JAX"
     seconds = timer.measure(compiled, inputs, steps) / LAYERS
-    meta_us = timer.median_seconds(metadata_step(cell), (inputs[3],), steps) * 1e6
+    meta_us = metadata_seconds(timer, cell, inputs[3], steps) * 1e6
     row = {
         "name": cell.name, "b": cell.b, "s_q": cell.s_q, "h_q": cell.h_q, "h_kv": cell.h_kv, "s_k": cell.s_k,
         "varlen": cell.varlen, "causal": cell.causal, "mean_len": mean_len, "path": path,

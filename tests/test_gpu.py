@@ -139,7 +139,7 @@ def test_decode_two_runs_bit_identical():
     np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
 
 
-@pytest.mark.parametrize("what", ["page_negative", "page_poison", "length_negative", "length_beyond_table"])
+@pytest.mark.parametrize("what", ["page_negative", "page_poison", "first_page_poison", "length_negative", "length_beyond_table"])
 @pytest.mark.parametrize("split", [False, True])
 def test_invalid_data_gives_nan(what, split):
     # split=True: 1000 partitions cut every request into pieces, so the NaN must survive the
@@ -150,6 +150,8 @@ def test_invalid_data_gives_nan(what, split):
         case.block_table[1, 2] = -5
     elif what == "page_poison":
         case.block_table[1, 15] = POISON_PAGE
+    elif what == "first_page_poison":  # the page a partition's previous piece would prefetch
+        case.block_table[1, 0] = POISON_PAGE
     elif what == "length_negative":
         case.cache_seqlens[1] = -3
     else:
