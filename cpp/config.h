@@ -22,9 +22,12 @@ inline constexpr int kMetadataCols = 8;
 // Scheduler kernel: threads that scan the request costs and fill the rows in parallel (one warp
 // of them walks the partitions).
 inline constexpr int kSchedulerThreads = 256;
-// Requests whose cost prefix is kept in shared memory (32 KiB, under the 48 KiB static limit);
-// a larger batch keeps it in its num_splits output, at global-memory latency.
+// Requests whose cost prefix is kept in shared memory (32 KiB); a larger batch keeps it in its
+// num_splits output, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
+// Partitions whose starts are kept in shared memory (3 x 4 KiB, with the above under the 48 KiB
+// static limit); more are walked through the metadata rows.
+inline constexpr int kSchedulerSmemParts = 1024;
 
 // ---- Split-KV decode kernel (cpp/decode) ----
 // Threads per CTA: two warpgroups. A 64x512 fp32 output tile is half the register file, so each
