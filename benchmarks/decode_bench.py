@@ -134,10 +134,10 @@ def metadata_seconds(timer: Timer, cell: Cell, lengths: jax.Array, steps: int) -
     1 GiB device copy, during which the host has enqueued them all; the events bracket only the
     calls. Host clock, LAYERS calls per program, where there is no device timing."""
     lengths_list = [lengths + i for i in range(LAYERS)]  # varied so that no two calls are the same
-    if not timer.device_events:
-        return timer.median_seconds(metadata_step(cell), (lengths_list,), steps) / LAYERS
-    busy = jnp.zeros((1 << 30) // 4, jnp.uint32)
     fn = metadata_step(cell)
+    if not timer.device_events:
+        return timer.median_seconds(fn, (lengths_list,), steps) / LAYERS
+    busy = jnp.zeros((1 << 30) // 4, jnp.uint32)
 
     def program(busy, lengths_list):
         copied = _devtime.device_copy(busy)

@@ -150,7 +150,7 @@ def test_invalid_data_gives_nan(what, split):
         case.block_table[1, 2] = -5
     elif what == "page_poison":
         case.block_table[1, 15] = POISON_PAGE
-    elif what == "first_page_poison":  # the page a partition's previous piece would prefetch
+    elif what == "first_page_poison":  # the block a piece issues first, before its other pages
         case.block_table[1, 0] = POISON_PAGE
     elif what == "length_negative":
         case.cache_seqlens[1] = -3
