@@ -141,10 +141,8 @@ def metadata_seconds(timer: Timer, cell: Cell, lengths: jax.Array, steps: int) -
 
     def program(busy, lengths_list):
         copied = _devtime.device_copy(busy)
-        start = _devtime.mark(0, copied)
-        lengths_list, _ = jax.lax.optimization_barrier((lengths_list, start))
-        out = fn(lengths_list)
-        return copied, _devtime.mark(1, *jax.tree.leaves(out))
+        _, stop = _devtime.bracket(fn, (lengths_list,), copied)
+        return copied, stop
 
     run = jax.jit(program).lower(busy, lengths_list).compile()
     return timer.measure(run, (busy, lengths_list), steps) / LAYERS

@@ -50,19 +50,22 @@ def elapsed_ms(start_slot: int = 0, stop_slot: int = 1) -> float:
     return float(_ffi._ext.event_elapsed_ms(start_slot, stop_slot))
 
 
+def bracket(fn, args, *after, start_slot: int = 0, stop_slot: int = 1):
+    """Traces ``fn(*args)`` between two event marks: the start once every array in ``after``
+    exists and before any of fn's work, the stop after all of its outputs. Returns
+    ``(fn's outputs, stop-mark scalar)``."""
+    start = mark(start_slot, *after)
+    # Every input passes through a barrier with the start mark, so no work of fn can be
+    # scheduled before the mark.
+    args, _ = jax.lax.optimization_barrier((args, start))
+    out = fn(*args)
+    return out, mark(stop_slot, *jax.tree.leaves(out))
+
+
 def timed(fn, start_slot: int = 0, stop_slot: int = 1):
-    """``fn`` bracketed by two event marks: the start before any of its work, the stop after all
-    of its outputs. Returns ``(fn's outputs, stop-mark scalar)``; jit the result."""
-
-    def wrapped(*args):
-        start = mark(start_slot)
-        # Every input passes through a barrier with the start mark, so no work of fn can be
-        # scheduled before the mark.
-        args, _ = jax.lax.optimization_barrier((args, start))
-        out = fn(*args)
-        return out, mark(stop_slot, *jax.tree.leaves(out))
-
-    return wrapped
+    """``fn`` bracketed by two event marks (``bracket``). Returns a function giving ``(fn's
+    outputs, stop-mark scalar)``; jit it."""
+    return lambda *args: bracket(fn, args, start_slot=start_slot, stop_slot=stop_slot)
 
 
 def device_copy(x: jax.Array) -> jax.Array:
