@@ -48,6 +48,11 @@ inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // 227 KiB of shared memory.
 inline constexpr int kKStages = 2;
 
+// How far (base 2) a row's running max may rise above the max its P and O are referenced to
+// before O is rescaled: P stays below 2^8 = 256, and most blocks skip the 128 multiplies a thread
+// of the rescale.
+inline constexpr float kRescaleSlackLog2 = 8.f;
+
 // CUDA's limit on gridDim.y and gridDim.z.
 inline constexpr int kMaxGridYZ = 65535;
 

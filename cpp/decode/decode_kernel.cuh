@@ -2,12 +2,12 @@
 // of its partition (scheduler/mla_metadata.h) block by block.
 //
 // Per 64-token block, both warpgroups:
-//   1. once both are past the previous block's PV, thread 0 issues the TMA copies of the next
-//      block into the stage that block used                                    | kBarStageFree
-//   2. S_half = Q K_half^T      (wgmma; warpgroup w takes keys [32w, 32w + 32) of the block)
+//   1. once both are past the previous block's PV, the stage that block used is free | kBarStageFree
+//   2. S_half = Q K_half^T      (wgmma; warpgroup w takes keys [32w, 32w + 32) of the block);
+//      while it runs, thread 0 issues the TMA copies of the next block into the free stage
 //   3. scale to base 2, mask by replacement, block row max -> shared memory      | kBarRowMax
-//   4. running max from both halves, P = exp2(S - m), rescale O, P -> shared memory,
-//      zero V rows past the length in the last block                           | kBarP
+//   4. reference max from both halves, P = exp2(S - m), rescale O when the reference moved,
+//      P -> shared memory, zero V rows past the length in the last block       | kBarP
 //   5. O_half += P V_half        (wgmma; warpgroup w owns channels [256w, 256w + 256))
 #pragma once
 
@@ -19,6 +19,7 @@
 #include "decode/epilogue.cuh"
 #include "decode/kernel_traits.cuh"
 #include "decode/mainloop.cuh"
+#include "decode/phase_clocks.cuh"
 #include "decode/softmax.cuh"
 #include "scheduler/mla_metadata.h"
 
@@ -69,6 +70,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   // K blocks this CTA has consumed: stage = loaded % kKStages, and the barrier parity of that
   // stage's next use is (loaded / kKStages) & 1.
   int loaded = 0;
+  PhaseClock clk;
+  clk.start();
   for (int req = first_req, slot = first_slot; req <= last_req; ++req, ++slot) {
     const int seqlen = p.cache_seqlens[req];
     const bool bad_len = seqlen < 0 || int64_t(seqlen) > int64_t(p.max_blocks) * kBlockN;
@@ -86,6 +89,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       bad_page |= pages[n] < 0 || pages[n] >= p.num_pages;
     if (__syncthreads_or(bad_page) || bad_len) {
       write_nan_piece<T>(p, tg);
+      clk.mark(kPhPieceStart);
       continue;
     }
 
@@ -106,23 +110,44 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     }
     const int min_limit = p.causal ? seqlen - (p.s_q - 1) : seqlen;
 
+    // Page of the next block to issue, read one block ahead by the issuing thread, so that its
+    // global-memory latency is off the critical path.
+    int next_page = threadIdx.x == 0 && begin + 2 < n_end ? pages[begin + 2] : 0;
     SoftmaxState st;
     st.reset();
     clear(tOrO);
+    clk.mark(kPhPieceStart);
     for (int n = begin; n < n_end; ++n, ++loaded) {
       const int stage = loaded % kKStages;
-      if (n > begin && n + 1 < n_end) {
-        // The other stage held block n - 1. Refill it as soon as both warpgroups are past that
-        // block's PV, before this block's QK^T: when loads are slower than compute, this keeps a
-        // block in flight at all times (issuing after QK^T left the memory idle for that long).
-        // Only warp 0 waits; the others arrive and go on.
+      // The other stage held block n - 1. Refill it once both warpgroups are past that block's
+      // PV: warp 0 waits for that, the other warps arrive and go on.
+      const bool refill = n > begin && n + 1 < n_end;
+      if (refill) {
         if (threadIdx.x < 32)
           cutlass::arch::NamedBarrier::sync(kDecodeThreads, kBarStageFree);
         else
           cutlass::arch::NamedBarrier::arrive(kDecodeThreads, kBarStageFree);
-        if (threadIdx.x == 0) issue_k_block(tma_k, p, smem, (loaded + 1) % kKStages, pages[n + 1], kv_head);
       }
-      gemm_qk(smem, stage, (loaded / kKStages) & 1, wg, tSrS);
+      clk.mark(kPhStageFree);
+      // The TMA unit accepts a 64x64 box every ~80 cycles, so issuing a block's 9 boxes holds the
+      // issuing warp for ~700-900 cycles (benchmarks/probes/phase_probe.cu); before QK^T that
+      // delayed its warpgroup and, through the row-max exchange, the other one. So once block n
+      // has landed, the refill is issued behind QK^T's wgmmas and overlaps the tensor work; while
+      // block n is still landing (loads are the limit), it is issued at once, as the warp
+      // waits anyway and the memory gets the next block earlier.
+      const int phase = (loaded / kKStages) & 1;
+      const bool refill_now =
+          refill && threadIdx.x == 0 && !cutlass::arch::ClusterBarrier::test_wait(&smem.k_full[stage], phase, 1);
+      auto issue_refill = [&] {
+        issue_k_block(tma_k, p, smem, (loaded + 1) % kKStages, next_page, kv_head);
+        if (n + 2 < n_end) next_page = pages[n + 2];
+      };
+      if (refill_now) issue_refill();
+      issue_qk(smem, stage, phase, wg, tSrS);
+      if (refill && threadIdx.x == 0 && !refill_now) issue_refill();
+      clk.mark(kPhIssue);
+      wait_qk(tSrS);
+      clk.mark(kPhQK);
 
       const int key0 = n * kBlockN + wg * kHalfBlockN;
       scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, key0, limit);
@@ -131,6 +156,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       if (lane % 4 == 0)
         for (int r = 0; r < kRowsPerThread; ++r) smem.row_max[wg][rows[r]] = mx[r];
       cutlass::arch::NamedBarrier::arrive_and_wait(kDecodeThreads, kBarRowMax);
+      clk.mark(kPhRowMax);
 
       float mx0[kRowsPerThread], mx1[kRowsPerThread], alpha[kRowsPerThread];
       for (int r = 0; r < kRowsPerThread; ++r) {
@@ -145,10 +171,14 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       if (n == kv_blocks - 1 && seqlen % kBlockN != 0) zero_tail_v(smem, stage, wg, seqlen % kBlockN);
       cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
       cutlass::arch::NamedBarrier::arrive_and_wait(kDecodeThreads, kBarP);
+      clk.mark(kPhSoftmax);
 
       gemm_pv(smem, stage, wg, tOrO);
+      clk.mark(kPhPV);
+      clk.count_block();
     }
     write_piece(p, smem, tOrO, cO, st, rows, wg, tg);
+    clk.mark(kPhEpilogue);
   }
 }
 

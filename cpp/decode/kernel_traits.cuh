@@ -68,7 +68,7 @@ enum NamedBarrierId : uint32_t {
   kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
   kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
   kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
-  kBarStageFree = 3,  // both warpgroups are done with the previous block's stage (warp 0 waits)
+  kBarStageFree = 3,  // both warpgroups are done with the previous block's stage (refill)
 };
 
 }  // namespace jax_flashmla::decode

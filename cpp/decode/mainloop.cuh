@@ -47,34 +47,46 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   __syncthreads();
 }
 
-// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread.
+// Arms `stage`'s barrier for the kBlockBytes of one K block. One thread, once per block; the
+// tile copies may be issued before or after it (an mbarrier's transaction count may go negative
+// within a phase, and the phase cannot complete before this arrival).
+template <typename T>
+__device__ void expect_k_block(SharedStorage<T>& smem, int stage) {
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.k_full[stage], KernelTraits<T>::kBlockBytes);
+}
+
+// Issues the TMA copy of column tile `t` of one K block (one page) into `stage`. One thread.
 template <typename T, typename TmaK>
-__device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage,
-                              int page, int kv_head) {
+__device__ void issue_k_tile(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage, int page,
+                             int kv_head, int t) {
   using Traits = KernelTraits<T>;
   Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
   Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
   auto cta_tma = tma_k.get_slice(_0{});
-  uint64_t& bar = smem.k_full[stage];
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kBlockBytes);
-  CUTE_UNROLL
-  for (int t = 0; t < kNumKTiles; ++t) {
-    Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
-    Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
-                               typename Traits::SmemLayoutKTile{});
-    // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
-    copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
-         cta_tma.partition_D(sTile));
-  }
+  Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
+  Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems), typename Traits::SmemLayoutKTile{});
+  // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
+  copy(tma_k.with(smem.k_full[stage], 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
+       cta_tma.partition_D(sTile));
 }
 
-// S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`. Waits for
-// the whole block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519,
-// "warpgroup.arrive injected"), which drains the tensor pipe once per column tile. The TMA
-// copies of the block run ahead of the compute anyway (the next block is issued before this one
-// is consumed), so streaming tile by tile bought nothing.
+// Issues all kNumKTiles copies of one K block into `stage`, and arms its barrier. One thread.
+template <typename T, typename TmaK>
+__device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage, int page,
+                              int kv_head) {
+  expect_k_block(smem, stage);
+  CUTE_UNROLL
+  for (int t = 0; t < kNumKTiles; ++t) issue_k_tile(tma_k, p, smem, stage, page, kv_head, t);
+}
+
+// Issues S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`,
+// without waiting for it (wait_qk does). Waits for the whole block first: a barrier wait between
+// wgmmas makes ptxas fence the chain (C7519, "warpgroup.arrive injected"), which drains the
+// tensor pipe once per column tile. The TMA copies of the block run ahead of the compute anyway
+// (the next block is issued before this one is consumed), so streaming tile by tile bought
+// nothing.
 template <typename T, typename FragS>
-__device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
+__device__ void issue_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma;
   auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
@@ -94,6 +106,11 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, Fr
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// Waits for the QK^T issued by issue_qk.
+template <typename FragS>
+__device__ void wait_qk(FragS& tSrS) {
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
 }
