@@ -26,7 +26,7 @@ struct Cell {
   bool causal;
 };
 
-const char* kPhaseNames[] = {"stage-free", "K+QK+TMA", "QK^T wait", "row max", "softmax+P", "PV", "piece start", "epilogue"};
+const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epilogue"};
 
 void run_cell(const Cell& c, int num_sm) {
   const int rows = c.s_q * c.h_q;  // h_kv = 1

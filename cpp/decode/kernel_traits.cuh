@@ -61,14 +61,17 @@ struct SharedStorage {
   float row_sum[kNumWarpgroups][kBlockM];
   // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
   alignas(8) uint64_t k_full[kKStages];
+  // One barrier per K stage that the kConsumerWarps arrive on once their PV on it is done: the
+  // producer refills the stage after it completes.
+  alignas(8) uint64_t k_empty[kKStages];
 };
 
-// Named barriers (ids above CUTLASS's reserved ones); each is used by all kDecodeThreads.
+// Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads.
 enum NamedBarrierId : uint32_t {
   kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
   kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
   kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
-  kBarStageFree = 3,  // both warpgroups are done with the previous block's stage (refill)
+  kBarQ = 3,       // the Q tile is in shared memory
 };
 
 }  // namespace jax_flashmla::decode

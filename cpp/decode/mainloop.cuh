@@ -22,8 +22,8 @@ __device__ __forceinline__ PackedRow unpack_row(const DecodeParams& p, int kv_he
 }
 
 // Loads the Q tile of (request, KV head, row block) into shared memory; rows past `rows` are
-// zero so that their (never written) results stay finite. All threads; ends with the tile
-// visible to wgmma.
+// zero so that their (never written) results stay finite. All consumer threads; ends with the
+// tile visible to wgmma.
 template <typename T>
 __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, int kv_head, int row_block) {
   using Traits = KernelTraits<T>;
@@ -31,7 +31,7 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   constexpr int kChunksPerRow = kHeadDim / kChunkElems;
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
   const T* q = static_cast<const T*>(p.q) + int64_t(req) * p.s_q * p.h_q * kHeadDim;
-  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += kDecodeThreads) {
+  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * kChunkElems;
     const int row = row_block * kBlockM + r;
@@ -44,49 +44,40 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   cutlass::arch::cp_async_wait<0>();
   // cp.async writes through the generic proxy; wgmma reads through the async proxy.
   cutlass::arch::fence_view_async_shared();
-  __syncthreads();
+  cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarQ);
 }
 
-// Arms `stage`'s barrier for the kBlockBytes of one K block. One thread, once per block; the
-// tile copies may be issued before or after it (an mbarrier's transaction count may go negative
-// within a phase, and the phase cannot complete before this arrival).
-template <typename T>
-__device__ void expect_k_block(SharedStorage<T>& smem, int stage) {
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.k_full[stage], KernelTraits<T>::kBlockBytes);
-}
-
-// Issues the TMA copy of column tile `t` of one K block (one page) into `stage`. One thread.
+// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread (of the
+// producer warpgroup: the TMA unit takes ~80-90 cycles to accept each 64x64 box and the issuing
+// warp stalls meanwhile, ~800 cycles a block that a consumer warp would add to every block;
+// benchmarks/probes/phase_probe.cu).
 template <typename T, typename TmaK>
-__device__ void issue_k_tile(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage, int page,
-                             int kv_head, int t) {
+__device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage,
+                              int page, int kv_head) {
   using Traits = KernelTraits<T>;
   Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
   Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
   auto cta_tma = tma_k.get_slice(_0{});
-  Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
-  Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems), typename Traits::SmemLayoutKTile{});
-  // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
-  copy(tma_k.with(smem.k_full[stage], 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
-       cta_tma.partition_D(sTile));
-}
-
-// Issues all kNumKTiles copies of one K block into `stage`, and arms its barrier. One thread.
-template <typename T, typename TmaK>
-__device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage, int page,
-                              int kv_head) {
-  expect_k_block(smem, stage);
+  uint64_t& bar = smem.k_full[stage];
+  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kBlockBytes);
   CUTE_UNROLL
-  for (int t = 0; t < kNumKTiles; ++t) issue_k_tile(tma_k, p, smem, stage, page, kv_head, t);
+  for (int t = 0; t < kNumKTiles; ++t) {
+    Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
+    Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
+                               typename Traits::SmemLayoutKTile{});
+    // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
+    copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
+         cta_tma.partition_D(sTile));
+  }
 }
 
-// Issues S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`,
-// without waiting for it (wait_qk does). Waits for the whole block first: a barrier wait between
-// wgmmas makes ptxas fence the chain (C7519, "warpgroup.arrive injected"), which drains the
-// tensor pipe once per column tile. The TMA copies of the block run ahead of the compute anyway
-// (the next block is issued before this one is consumed), so streaming tile by tile bought
-// nothing.
+// S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`. Waits for
+// the whole block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519,
+// "warpgroup.arrive injected"), which drains the tensor pipe once per column tile. The TMA
+// copies of the block run ahead of the compute anyway (the next block is issued before this one
+// is consumed), so streaming tile by tile bought nothing.
 template <typename T, typename FragS>
-__device__ void issue_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
+__device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma;
   auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
@@ -106,11 +97,6 @@ __device__ void issue_qk(SharedStorage<T>& smem, int stage, int phase, int wg, F
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
-}
-
-// Waits for the QK^T issued by issue_qk.
-template <typename FragS>
-__device__ void wait_qk(FragS& tSrS) {
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
 }

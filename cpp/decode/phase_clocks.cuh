@@ -8,9 +8,8 @@
 namespace jax_flashmla::decode {
 
 enum Phase : int {
-  kPhStageFree = 0,  // wait for both warpgroups past the previous PV
-  kPhIssue,          // the block's copies land, QK^T issue, the refill's TMA copies (thread 0)
-  kPhQK,             // QK^T completion
+  kPhKWait = 0,      // the block's TMA copies land
+  kPhQK,             // QK^T issue + completion
   kPhRowMax,         // scale, mask, block row max, exchange barrier
   kPhSoftmax,        // exp2, rescale O, P to shared memory, P barrier
   kPhPV,             // PV issue + completion
@@ -20,7 +19,8 @@ enum Phase : int {
 };
 
 #ifdef JAX_FLASHMLA_PHASE_CLOCKS
-// [phase][warpgroup] SM cycles summed over the leader thread of every warpgroup of every CTA;
+// [phase][consumer warpgroup] SM cycles summed over the leader thread of every consumer
+// warpgroup of every CTA;
 // [kNumPhases][*] counts blocks.
 __device__ unsigned long long g_phase_cycles[kNumPhases + 1][kNumWarpgroups];
 
