@@ -106,14 +106,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       const Piece pc = make_piece(p, pt, req);
       const int* pages = p.block_table + int64_t(req) * p.max_blocks;
       __syncthreads();  // pairs with the consumers' piece-start barrier
-      if (piece_has_bad_page(p, pages, pc)) continue;
-      if (threadIdx.x != kProducerThread) continue;
-      for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
-        const int stage = issued % kKStages;
-        const int page = pages[n];  // read before the wait, which hides its latency
-        cutlass::arch::ClusterBarrier::wait(&smem.k_empty[stage], ((issued / kKStages) & 1) ^ 1);
-        issue_k_block(tma_k, p, smem, stage, page, kv_head);
+      const bool skip = piece_has_bad_page(p, pages, pc);
+      if (!skip && threadIdx.x == kProducerThread) {
+        for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
+          const int stage = issued % kKStages;
+          const int page = pages[n];  // read before the wait, which hides its latency
+          cutlass::arch::ClusterBarrier::wait(&smem.k_empty[stage], ((issued / kKStages) & 1) ^ 1);
+          issue_k_block(tma_k, p, smem, stage, page, kv_head);
+        }
       }
+      // The next piece's barriers are warp-aligned (bar.sync): the issuing lane rejoins its warp.
+      __syncwarp();
     }
     return;
   }
