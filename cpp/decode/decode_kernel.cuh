@@ -62,12 +62,22 @@ __device__ __forceinline__ Piece make_piece(const DecodeParams& p, const Partiti
 }
 
 // Whether any page id of the piece is out of range, agreed by all kDecodeThreads (the producer
-// must skip exactly the pieces the consumers skip). Also the barrier that starts a piece.
+// must skip exactly the pieces the consumers skip). Also the barrier that starts a piece: the
+// consumers are done with the previous piece's Q and row arrays. A named barrier with a thread
+// count, not __syncthreads_or: the producer and the consumers reach it from different code.
 __device__ __forceinline__ bool piece_has_bad_page(const DecodeParams& p, const int* pages, const Piece& pc) {
   bool bad_page = false;
   for (int n = pc.begin + int(threadIdx.x); n < pc.n_end; n += kDecodeThreads)
     bad_page |= pages[n] < 0 || pages[n] >= p.num_pages;
-  return __syncthreads_or(bad_page) || pc.bad_len;
+  uint32_t any_bad;
+  asm volatile(
+      "{\n\t.reg .pred p, q;\n\tsetp.ne.u32 p, %1, 0;\n\tbarrier.red.or.pred q, %2, %3, p;\n\t"
+      "selp.u32 %0, 1, 0, q;\n\t}"
+      : "=r"(any_bad)
+      : "r"(uint32_t(bad_page)), "r"(uint32_t(kBarPiece) + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount),
+        "r"(uint32_t(kDecodeThreads))
+      : "memory");
+  return any_bad != 0 || pc.bad_len;
 }
 
 template <typename T, typename TmaK>
@@ -105,7 +115,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     for (int req = pt.first_req; req <= pt.last_req; ++req) {
       const Piece pc = make_piece(p, pt, req);
       const int* pages = p.block_table + int64_t(req) * p.max_blocks;
-      __syncthreads();  // pairs with the consumers' piece-start barrier
       const bool skip = piece_has_bad_page(p, pages, pc);
       if (!skip && threadIdx.x == kProducerThread) {
         for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
@@ -115,7 +124,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
           issue_k_block(tma_k, p, smem, stage, page, kv_head);
         }
       }
-      // The next piece's barriers are warp-aligned (bar.sync): the issuing lane rejoins its warp.
       __syncwarp();
     }
     return;
@@ -149,7 +157,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     const PieceTarget tg{req, kv_head, row_block, p.num_splits[req + 1] - p.num_splits[req] > 1, slot};
     const int* pages = p.block_table + int64_t(req) * p.max_blocks;
 
-    __syncthreads();  // the previous piece is done with Q and the row arrays
     if (piece_has_bad_page(p, pages, pc)) {
       write_nan_piece<T>(p, tg);
       clk.mark(kPhPieceStart);

@@ -66,12 +66,14 @@ struct SharedStorage {
   alignas(8) uint64_t k_empty[kKStages];
 };
 
-// Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads.
+// Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
+// except kBarPiece (all kDecodeThreads).
 enum NamedBarrierId : uint32_t {
   kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
   kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
   kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
   kBarQ = 3,       // the Q tile is in shared memory
+  kBarPiece = 4,   // a piece starts: its page ids are checked, the previous piece is done
 };
 
 }  // namespace jax_flashmla::decode
