@@ -67,10 +67,23 @@ if want suite; then
 fi
 
 if want grid; then
-  echo "== full grid"
-  timeout ${GRID_TIMEOUT:-550} python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" tests/test_gpu_grid.py -o addopts="" --durations=5 \
-    2>&1 | tee "$OUT/pytest_grid.log" | tail -15
-  status[grid]=${PIPESTATUS[0]}
+  # GRID_JOBS=n: n shards of the grid run side by side (the cases are host-bound: data drawing,
+  # the PyTorch reference and compiles), each with its own log.
+  jobs=${GRID_JOBS:-1}
+  echo "== full grid ($jobs process(es))"
+  for ((i = 0; i < jobs; i++)); do
+    shard=""; [ "$jobs" -gt 1 ] && shard="$i/$jobs"
+    JAX_FLASHMLA_GRID_SHARD=$shard timeout ${GRID_TIMEOUT:-550} python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" \
+      tests/test_gpu_grid.py -o addopts="" --durations=3 >"$OUT/pytest_grid_$i.log" 2>&1 &
+  done
+  wait
+  status[grid]=0
+  for ((i = 0; i < jobs; i++)); do
+    tail -4 "$OUT/pytest_grid_$i.log"
+    grep -qE "^[0-9]+ passed" <(tail -1 "$OUT/pytest_grid_$i.log" | sed 's/^=* //') || status[grid]=1
+    grep -qE "failed|error" <(tail -1 "$OUT/pytest_grid_$i.log") && status[grid]=1
+  done
+  cat "$OUT"/pytest_grid_*.log > "$OUT/pytest_grid.log"
 fi
 
 build_decode_harness() {
@@ -99,6 +112,8 @@ if want sanitizer; then
     args=""; [ $tool = racecheck ] && args=quick
     timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/decode_harness $args >"$OUT/sanitizer_decode_$tool.log" 2>&1
     status[san_decode_$tool]=$?
+    # The first reports of a failing tool, here: the logs may not all come back.
+    [ "${status[san_decode_$tool]}" != 0 ] && grep -vE "^\s*$" "$OUT/sanitizer_decode_$tool.log" | head -${SAN_HEAD:-40}
     echo "$tool: metadata $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_metadata_$tool.log" | tail -1);" \
          "decode $(grep -cE ': ok' "$OUT/sanitizer_decode_$tool.log") cases ok, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_decode_$tool.log" | tail -1)"
   done
