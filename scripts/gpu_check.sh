@@ -5,7 +5,7 @@
 # Full logs go to $OUT (the device tool brings them back).
 #
 # PHASES selects what runs (default: all), e.g. PHASES="tests grid" (the build always runs):
-#   tests      tests/test_gpu.py (marked gpu)
+#   tests      tests/test_gpu.py (marked gpu); TESTS_BG=1 runs it beside the later phases
 #   nn         tests/test_gpu_nn.py (the Flax layer and decoder on the kernel), then the demo
 #              (python -m jax_flashmla.demo, the README's main job) on its GPU defaults
 #   suite      the whole CPU suite, which runs the kernels on this GPU (the default path there),
@@ -42,11 +42,21 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then  # SKIP_BUILD=1: a second call on the same 
 fi
 python3 -P -c "import jax, jax_flashmla as jf; print(jf.build_info()); d = jax.devices()[0]; print(d, getattr(d, 'core_count', None), getattr(d, 'compute_capability', None))" 2>&1 | tee "$OUT/info.txt"
 
+gpu_tests() {
+  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
+    -o addopts="" -rs >"$OUT/pytest_gpu.log" 2>&1
+}
+# TESTS_BG=1: the GPU tests run beside the grid and the sanitizer (all host-bound), each
+# process's JAX pool capped so that they fit on the GPU together.
+if [ "${TESTS_BG:-0}" = 1 ]; then export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.15}; fi
+tests_pid=""
 if want tests; then
   echo "== GPU tests"
-  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
-    -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-  status[gpu_tests]=${PIPESTATUS[0]}
+  if [ "${TESTS_BG:-0}" = 1 ]; then
+    gpu_tests & tests_pid=$!
+  else
+    gpu_tests; status[gpu_tests]=$?; tail -15 "$OUT/pytest_gpu.log"
+  fi
 fi
 
 if want nn; then
@@ -127,6 +137,11 @@ if want bench; then
   timeout 300 python3 benchmarks/kernel_times.py --cells "${KT_CELLS:-P1,P8}" --json "$OUT/kernel_times.json" 2>&1 \
     | tee "$OUT/kernel_times.log" | tail -12
   status[kernel_times]=${PIPESTATUS[0]}
+fi
+
+if [ -n "$tests_pid" ]; then
+  wait "$tests_pid"; status[gpu_tests]=$?
+  echo "== GPU tests (beside the rest)"; tail -15 "$OUT/pytest_gpu.log"
 fi
 
 echo "== summary"

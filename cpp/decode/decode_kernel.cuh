@@ -61,21 +61,23 @@ __device__ __forceinline__ Piece make_piece(const DecodeParams& p, const Partiti
   return pc;
 }
 
-// Whether any page id of the piece is out of range, agreed by all kDecodeThreads (the producer
-// must skip exactly the pieces the consumers skip). Also the barrier that starts a piece: the
-// consumers are done with the previous piece's Q and row arrays. A named barrier with a thread
-// count, not __syncthreads_or: the producer and the consumers reach it from different code.
-__device__ __forceinline__ bool piece_has_bad_page(const DecodeParams& p, const int* pages, const Piece& pc) {
+// Whether any page id of the piece is out of range, agreed by the role's `threads` threads (a
+// named barrier `bar` that only they use, reached from one place in the code). Each role checks
+// for itself: both read the same block table, so the producer skips exactly the pieces the
+// consumers skip without waiting for them, and runs ahead into the next piece. For the
+// consumers it is also the barrier that starts a piece: they are done with the previous piece's
+// Q and row arrays.
+__device__ __forceinline__ bool piece_has_bad_page(const DecodeParams& p, const int* pages, const Piece& pc,
+                                                   int tid, int threads, uint32_t bar) {
   bool bad_page = false;
-  for (int n = pc.begin + int(threadIdx.x); n < pc.n_end; n += kDecodeThreads)
-    bad_page |= pages[n] < 0 || pages[n] >= p.num_pages;
+  for (int n = pc.begin + tid; n < pc.n_end; n += threads) bad_page |= pages[n] < 0 || pages[n] >= p.num_pages;
   uint32_t any_bad;
   asm volatile(
       "{\n\t.reg .pred p, q;\n\tsetp.ne.u32 p, %1, 0;\n\tbarrier.red.or.pred q, %2, %3, p;\n\t"
       "selp.u32 %0, 1, 0, q;\n\t}"
       : "=r"(any_bad)
-      : "r"(uint32_t(bad_page)), "r"(uint32_t(kBarPiece) + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount),
-        "r"(uint32_t(kDecodeThreads))
+      : "r"(uint32_t(bad_page)), "r"(bar + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount),
+        "r"(uint32_t(threads))
       : "memory");
   return any_bad != 0 || pc.bad_len;
 }
@@ -115,7 +117,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     for (int req = pt.first_req; req <= pt.last_req; ++req) {
       const Piece pc = make_piece(p, pt, req);
       const int* pages = p.block_table + int64_t(req) * p.max_blocks;
-      const bool skip = piece_has_bad_page(p, pages, pc);
+      const bool skip =
+          piece_has_bad_page(p, pages, pc, threadIdx.x - kProducerThread, kWarpgroupThreads, kBarProducerPiece);
       if (!skip && threadIdx.x == kProducerThread) {
         for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
           const int stage = issued % kKStages;
@@ -157,7 +160,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     const PieceTarget tg{req, kv_head, row_block, p.num_splits[req + 1] - p.num_splits[req] > 1, slot};
     const int* pages = p.block_table + int64_t(req) * p.max_blocks;
 
-    if (piece_has_bad_page(p, pages, pc)) {
+    if (piece_has_bad_page(p, pages, pc, threadIdx.x, kConsumerThreads, kBarPiece)) {
       write_nan_piece<T>(p, tg);
       clk.mark(kPhPieceStart);
       continue;

@@ -67,13 +67,14 @@ struct SharedStorage {
 };
 
 // Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
-// except kBarPiece (all kDecodeThreads).
+// except kBarProducerPiece (the producer warpgroup's threads alone).
 enum NamedBarrierId : uint32_t {
   kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
   kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
   kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
   kBarQ = 3,       // the Q tile is in shared memory
   kBarPiece = 4,   // a piece starts: its page ids are checked, the previous piece is done
+  kBarProducerPiece = 5,  // the producer's own check of a piece's page ids
 };
 
 }  // namespace jax_flashmla::decode
