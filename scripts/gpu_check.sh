@@ -81,12 +81,14 @@ if want grid; then
   # the PyTorch reference and compiles), each with its own log.
   jobs=${GRID_JOBS:-1}
   echo "== full grid ($jobs process(es))"
+  grid_pids=()
   for ((i = 0; i < jobs; i++)); do
     shard=""; [ "$jobs" -gt 1 ] && shard="$i/$jobs"
     JAX_FLASHMLA_GRID_SHARD=$shard timeout ${GRID_TIMEOUT:-550} python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" \
       tests/test_gpu_grid.py -o addopts="" --durations=3 >"$OUT/pytest_grid_$i.log" 2>&1 &
+    grid_pids+=($!)
   done
-  wait
+  wait "${grid_pids[@]}"  # not a bare wait: the GPU tests may be running in the background
   status[grid]=0
   for ((i = 0; i < jobs; i++)); do
     tail -4 "$OUT/pytest_grid_$i.log"
