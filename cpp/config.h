@@ -30,11 +30,24 @@ inline constexpr int kSchedulerSmemRequests = 8192;
 inline constexpr int kSchedulerSmemParts = 1024;
 
 // ---- Split-KV decode kernel (cpp/decode) ----
-// Threads per CTA: two warpgroups. A 64x512 fp32 output tile is half the register file, so each
-// warpgroup owns half of the output columns.
+// Consumer warpgroups per CTA (QK^T, softmax, PV). A 64x512 fp32 output tile is half the
+// register file, so each one owns half of the output columns.
 inline constexpr int kNumWarpgroups = 2;
 inline constexpr int kWarpgroupThreads = 128;
-inline constexpr int kDecodeThreads = kNumWarpgroups * kWarpgroupThreads;
+inline constexpr int kConsumerThreads = kNumWarpgroups * kWarpgroupThreads;
+inline constexpr int kConsumerWarps = kConsumerThreads / 32;
+// Threads per CTA: the consumers plus one producer warpgroup whose one thread issues the TMA
+// copies of K (setmaxnreg needs a whole warpgroup to give its registers away).
+inline constexpr int kDecodeThreads = kConsumerThreads + kWarpgroupThreads;
+// Registers per thread after setmaxnreg. The launch gives every thread 65536 / 384 -> 168; the
+// producer gives back down to 40 (its piece walk and TMA issue fit without spills; 24 did not)
+// so that the consumers can hold O, S and the softmax state in 232
+// (2 x 128 x 232 + 128 x 40 = 384 x 168).
+inline constexpr int kProducerRegs = 40;
+inline constexpr int kConsumerRegs = 232;
+static_assert(kNumWarpgroups * kWarpgroupThreads * kConsumerRegs + kWarpgroupThreads * kProducerRegs <=
+                  kDecodeThreads * (65536 / kDecodeThreads / 8 * 8),
+              "setmaxnreg cannot hand out more registers than the launch allocated");
 // Channels per shared-memory column tile: one 128-byte swizzle row of 16-bit values. It is both
 // the TMA box width and the K extent of one GMMA swizzle atom.
 inline constexpr int kHeadDimTile = 64;
@@ -47,6 +60,11 @@ inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // K blocks in flight per CTA: with a 72 KiB Q tile, two 72 KiB K stages are what fits in the
 // 227 KiB of shared memory.
 inline constexpr int kKStages = 2;
+
+// How far (base 2) a row's running max may rise above the max its P and O are referenced to
+// before O is rescaled: P stays below 2^8 = 256, and most blocks skip the 128 multiplies a thread
+// of the rescale.
+inline constexpr float kRescaleSlackLog2 = 8.f;
 
 // CUDA's limit on gridDim.y and gridDim.z.
 inline constexpr int kMaxGridYZ = 65535;

@@ -5,7 +5,7 @@
 # Full logs go to $OUT (the device tool brings them back).
 #
 # PHASES selects what runs (default: all), e.g. PHASES="tests grid" (the build always runs):
-#   tests      tests/test_gpu.py (marked gpu)
+#   tests      tests/test_gpu.py (marked gpu); TESTS_BG=1 runs it beside the later phases
 #   nn         tests/test_gpu_nn.py (the Flax layer and decoder on the kernel), then the demo
 #              (python -m jax_flashmla.demo, the README's main job) on its GPU defaults
 #   suite      the whole CPU suite, which runs the kernels on this GPU (the default path there),
@@ -42,11 +42,21 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then  # SKIP_BUILD=1: a second call on the same 
 fi
 python3 -P -c "import jax, jax_flashmla as jf; print(jf.build_info()); d = jax.devices()[0]; print(d, getattr(d, 'core_count', None), getattr(d, 'compute_capability', None))" 2>&1 | tee "$OUT/info.txt"
 
+gpu_tests() {
+  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
+    -o addopts="" -rs >"$OUT/pytest_gpu.log" 2>&1
+}
+# TESTS_BG=1: the GPU tests run beside the grid and the sanitizer (all host-bound), each
+# process's JAX pool capped so that they fit on the GPU together.
+if [ "${TESTS_BG:-0}" = 1 ]; then export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.15}; fi
+tests_pid=""
 if want tests; then
   echo "== GPU tests"
-  JAX_FLASHMLA_EXPECT_EXTENSION=1 timeout 400 python3 -P -m pytest -p no:cacheprovider -q -m "gpu" tests/test_gpu.py \
-    -o addopts="" -rs 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
-  status[gpu_tests]=${PIPESTATUS[0]}
+  if [ "${TESTS_BG:-0}" = 1 ]; then
+    gpu_tests & tests_pid=$!
+  else
+    gpu_tests; status[gpu_tests]=$?; tail -15 "$OUT/pytest_gpu.log"
+  fi
 fi
 
 if want nn; then
@@ -67,10 +77,25 @@ if want suite; then
 fi
 
 if want grid; then
-  echo "== full grid"
-  timeout ${GRID_TIMEOUT:-550} python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" tests/test_gpu_grid.py -o addopts="" --durations=5 \
-    2>&1 | tee "$OUT/pytest_grid.log" | tail -15
-  status[grid]=${PIPESTATUS[0]}
+  # GRID_JOBS=n: n shards of the grid run side by side (the cases are host-bound: data drawing,
+  # the PyTorch reference and compiles), each with its own log.
+  jobs=${GRID_JOBS:-1}
+  echo "== full grid ($jobs process(es))"
+  grid_pids=()
+  for ((i = 0; i < jobs; i++)); do
+    shard=""; [ "$jobs" -gt 1 ] && shard="$i/$jobs"
+    JAX_FLASHMLA_GRID_SHARD=$shard timeout ${GRID_TIMEOUT:-550} python3 -P -m pytest -p no:cacheprovider -q -x -m "gpu" \
+      tests/test_gpu_grid.py -o addopts="" --durations=3 >"$OUT/pytest_grid_$i.log" 2>&1 &
+    grid_pids+=($!)
+  done
+  wait "${grid_pids[@]}"  # not a bare wait: the GPU tests may be running in the background
+  status[grid]=0
+  for ((i = 0; i < jobs; i++)); do
+    tail -4 "$OUT/pytest_grid_$i.log"
+    grep -qE "^[0-9]+ passed" <(tail -1 "$OUT/pytest_grid_$i.log" | sed 's/^=* //') || status[grid]=1
+    grep -qE "failed|error" <(tail -1 "$OUT/pytest_grid_$i.log") && status[grid]=1
+  done
+  cat "$OUT"/pytest_grid_*.log > "$OUT/pytest_grid.log"
 fi
 
 build_decode_harness() {
@@ -99,6 +124,8 @@ if want sanitizer; then
     args=""; [ $tool = racecheck ] && args=quick
     timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/decode_harness $args >"$OUT/sanitizer_decode_$tool.log" 2>&1
     status[san_decode_$tool]=$?
+    # The first reports of a failing tool, here: the logs may not all come back.
+    [ "${status[san_decode_$tool]}" != 0 ] && grep -vE "^\s*$" "$OUT/sanitizer_decode_$tool.log" | head -${SAN_HEAD:-40}
     echo "$tool: metadata $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_metadata_$tool.log" | tail -1);" \
          "decode $(grep -cE ': ok' "$OUT/sanitizer_decode_$tool.log") cases ok, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_decode_$tool.log" | tail -1)"
   done
@@ -112,6 +139,11 @@ if want bench; then
   timeout 300 python3 benchmarks/kernel_times.py --cells "${KT_CELLS:-P1,P8}" --json "$OUT/kernel_times.json" 2>&1 \
     | tee "$OUT/kernel_times.log" | tail -12
   status[kernel_times]=${PIPESTATUS[0]}
+fi
+
+if [ -n "$tests_pid" ]; then
+  wait "$tests_pid"; status[gpu_tests]=$?
+  echo "== GPU tests (beside the rest)"; tail -15 "$OUT/pytest_gpu.log"
 fi
 
 echo "== summary"

@@ -55,7 +55,7 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
     const float l = quad_sum(st.l[r]);
     if (lane % 4 == 0) smem.row_sum[wg][rows[r]] = l;
   }
-  cutlass::arch::NamedBarrier::arrive_and_wait(kDecodeThreads, kBarRowSum);
+  cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarRowSum);
 
   float inv_l[kRowsPerThread], lse2[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
@@ -101,11 +101,12 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
 }
 
 // A piece whose request has an invalid length or page id: NaN everywhere it writes, so the
-// error reaches the caller (and survives the combine) instead of a read out of bounds.
+// error reaches the caller (and survives the combine) instead of a read out of bounds. All
+// consumer threads.
 template <typename T>
 __device__ void write_nan_piece(const DecodeParams& p, const PieceTarget& tg) {
   const float nan = __int_as_float(0x7fc00000);
-  for (int idx = threadIdx.x; idx < kBlockM * kHeadDimV; idx += kDecodeThreads) {
+  for (int idx = threadIdx.x; idx < kBlockM * kHeadDimV; idx += kConsumerThreads) {
     const int row = tg.row_block * kBlockM + idx / kHeadDimV;
     const int col = idx % kHeadDimV;
     if (row >= p.rows) continue;

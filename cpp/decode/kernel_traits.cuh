@@ -61,14 +61,20 @@ struct SharedStorage {
   float row_sum[kNumWarpgroups][kBlockM];
   // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
   alignas(8) uint64_t k_full[kKStages];
+  // One barrier per K stage that the kConsumerWarps arrive on once their PV on it is done: the
+  // producer refills the stage after it completes.
+  alignas(8) uint64_t k_empty[kKStages];
 };
 
-// Named barriers (ids above CUTLASS's reserved ones); each is used by all kDecodeThreads.
+// Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
+// except kBarProducerPiece (the producer warpgroup's threads alone).
 enum NamedBarrierId : uint32_t {
   kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
   kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
   kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
-  kBarStageFree = 3,  // both warpgroups are done with the previous block's stage (warp 0 waits)
+  kBarQ = 3,       // the Q tile is in shared memory
+  kBarPiece = 4,   // a piece starts: its page ids are checked, the previous piece is done
+  kBarProducerPiece = 5,  // the producer's own check of a piece's page ids
 };
 
 }  // namespace jax_flashmla::decode

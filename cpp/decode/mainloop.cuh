@@ -22,8 +22,8 @@ __device__ __forceinline__ PackedRow unpack_row(const DecodeParams& p, int kv_he
 }
 
 // Loads the Q tile of (request, KV head, row block) into shared memory; rows past `rows` are
-// zero so that their (never written) results stay finite. All threads; ends with the tile
-// visible to wgmma.
+// zero so that their (never written) results stay finite. All consumer threads; ends with the
+// tile visible to wgmma.
 template <typename T>
 __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, int kv_head, int row_block) {
   using Traits = KernelTraits<T>;
@@ -31,7 +31,7 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   constexpr int kChunksPerRow = kHeadDim / kChunkElems;
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
   const T* q = static_cast<const T*>(p.q) + int64_t(req) * p.s_q * p.h_q * kHeadDim;
-  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += kDecodeThreads) {
+  for (int idx = threadIdx.x; idx < kBlockM * kChunksPerRow; idx += kConsumerThreads) {
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * kChunkElems;
     const int row = row_block * kBlockM + r;
@@ -44,10 +44,13 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   cutlass::arch::cp_async_wait<0>();
   // cp.async writes through the generic proxy; wgmma reads through the async proxy.
   cutlass::arch::fence_view_async_shared();
-  __syncthreads();
+  cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarQ);
 }
 
-// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread.
+// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread (of the
+// producer warpgroup: the TMA unit takes ~80-90 cycles to accept each 64x64 box and the issuing
+// warp stalls meanwhile, ~800 cycles a block that a consumer warp would add to every block;
+// benchmarks/probes/phase_probe.cu).
 template <typename T, typename TmaK>
 __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage,
                               int page, int kv_head) {

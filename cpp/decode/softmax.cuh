@@ -28,7 +28,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 struct SoftmaxState {
-  float m[kRowsPerThread];  // running max of the base-2 logits; -inf until a key is visible
+  float m[kRowsPerThread];  // reference max of the base-2 logits (within kRescaleSlackLog2 of the
+                            // running max); -inf until a key is visible
   float l[kRowsPerThread];  // this thread's share of the running row sum
 
   __device__ void reset() {
@@ -66,20 +67,30 @@ __device__ void block_row_max(const FragS& s, const CoordS& cS, float (&mx)[kRow
 }
 
 // Given the block maxima of both warpgroups, turns logits into P (in place, fp32), updates the
-// running max and this thread's row sums, and returns the factor the output must be rescaled by.
+// reference max and this thread's row sums, and returns the factor the output must be rescaled
+// by. The reference max of a row moves only when a block's max exceeds it by more than
+// kRescaleSlackLog2: until then P is exponentiated against the older max (so P < 2^slack, far
+// inside the bf16/fp16 range) and alpha is exactly 1, which lets the caller skip rescaling O.
+// The final division by the row sum cancels the common factor either way.
 template <typename FragS, typename CoordS>
 __device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, const float (&mx0)[kRowsPerThread],
                                const float (&mx1)[kRowsPerThread], float (&alpha)[kRowsPerThread]) {
   float m_ref[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
-    // Same operands in the same order in both warpgroups, so both get the same maximum.
-    const float m_new = fmaxf(st.m[r], fmaxf(mx0[r], mx1[r]));
+    // Same operands in the same order in both warpgroups, so both take the same decision and
+    // keep the same reference, bit for bit. True when the first visible key arrives (m = -inf);
+    // false for a NaN block max, which then reaches O through P.
+    const float m_blk = fmaxf(mx0[r], mx1[r]);
+    if (m_blk > st.m[r] + kRescaleSlackLog2) {
+      alpha[r] = exp2f(st.m[r] - m_blk);
+      st.m[r] = m_blk;
+      st.l[r] *= alpha[r];
+    } else {
+      alpha[r] = 1.f;
+    }
     // While a row has seen no visible key its max is -inf; exponentiate against 0 instead so
     // that exp2(-inf - -inf) = NaN never appears.
-    m_ref[r] = m_new == -INFINITY ? 0.f : m_new;
-    alpha[r] = exp2f(st.m[r] - m_ref[r]);
-    st.m[r] = m_new;
-    st.l[r] *= alpha[r];
+    m_ref[r] = st.m[r] == -INFINITY ? 0.f : st.m[r];
   }
   CUTE_UNROLL
   for (int i = 0; i < size(s); ++i) {
@@ -90,8 +101,11 @@ __device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, con
   }
 }
 
+// Multiplies O by alpha, unless no thread of the warp has a factor other than 1 (the common case
+// once the reference max has settled: 128 multiplies a thread saved).
 template <typename FragO, typename CoordO>
 __device__ void rescale_output(FragO& o, const CoordO& cO, const float (&alpha)[kRowsPerThread]) {
+  if (!__any_sync(0xffffffff, alpha[0] != 1.f || alpha[1] != 1.f)) return;
   CUTE_UNROLL
   for (int i = 0; i < size(o); ++i) o(i) *= alpha[row_slot(get<0>(cO(i)))];
 }

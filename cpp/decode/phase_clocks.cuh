@@ -1,0 +1,49 @@
+// Optional clock counters of the decode kernel's phases, for benchmarks/probes/phase_probe.cu:
+// where the ~3 us of a 64-token block go. Compiled out (an empty struct the optimiser removes)
+// unless JAX_FLASHMLA_PHASE_CLOCKS is defined; the extension never defines it.
+#pragma once
+
+#include "config.h"
+
+namespace jax_flashmla::decode {
+
+enum Phase : int {
+  kPhKWait = 0,      // the block's TMA copies land
+  kPhQK,             // QK^T issue + completion
+  kPhRowMax,         // scale, mask, block row max, exchange barrier
+  kPhSoftmax,        // exp2, rescale O, P to shared memory, P barrier
+  kPhPV,             // PV issue + completion
+  kPhPieceStart,     // piece setup: barrier, block-table check, first loads, synchronous Q load
+  kPhEpilogue,       // write_piece
+  kNumPhases
+};
+
+#ifdef JAX_FLASHMLA_PHASE_CLOCKS
+// [phase][consumer warpgroup] SM cycles summed over the leader thread of every consumer
+// warpgroup of every CTA;
+// [kNumPhases][*] counts blocks.
+__device__ unsigned long long g_phase_cycles[kNumPhases + 1][kNumWarpgroups];
+
+struct PhaseClock {
+  long long last;
+  __device__ void start() { last = clock64(); }
+  __device__ void mark(Phase ph) {
+    if (threadIdx.x % kWarpgroupThreads == 0) {
+      const long long now = clock64();
+      atomicAdd(&g_phase_cycles[ph][threadIdx.x / kWarpgroupThreads], static_cast<unsigned long long>(now - last));
+      last = now;
+    }
+  }
+  __device__ void count_block() {
+    if (threadIdx.x % kWarpgroupThreads == 0) atomicAdd(&g_phase_cycles[kNumPhases][threadIdx.x / kWarpgroupThreads], 1ull);
+  }
+};
+#else
+struct PhaseClock {
+  __device__ void start() {}
+  __device__ void mark(Phase) {}
+  __device__ void count_block() {}
+};
+#endif
+
+}  // namespace jax_flashmla::decode
