@@ -133,7 +133,9 @@ fi
 
 if want bench; then
   echo "== benchmark"
-  timeout 200 python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  # Under JAX's default allocator, as a user runs it: without preallocation the XLA baseline's
+  # 16-layer step runs out of memory on P2 and P3 as well.
+  timeout 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE -u XLA_PYTHON_CLIENT_MEM_FRACTION python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
   status[bench]=${PIPESTATUS[0]}
   echo "== kernel device times (ncu)"
   timeout 300 python3 benchmarks/kernel_times.py --cells "${KT_CELLS:-P1,P8}" --json "$OUT/kernel_times.json" 2>&1 \
