@@ -167,7 +167,11 @@ def _cutlass_include() -> Path | None:
 
 def test_decode_kernels_compile_without_spills_or_serialised_wgmma(tmp_path):
     """ptxas's resource report for the decode kernels: no register spills, and no wgmma chain
-    that ptxas had to fence (warning C7519, a tensor-pipe drain inside the main loop)."""
+    that ptxas had to fence or serialise: an injected warpgroup.arrive (C7519) or "wgmma.mma_async
+    instructions are serialized" (C7510-C7520: a drain after every wgmma of the kernel). An
+    injected warpgroup.wait (C7517) is allowed: it delays one instruction until a wgmma is done
+    (a kernel that rescales O while its QK^T is in flight gets one, and the PV issued next would
+    wait for that QK^T anyway: one warpgroup's wgmmas run in order)."""
     nvcc = _backend()._find_nvcc()  # the same nvcc a CUDA build would use
     include = _cutlass_include()
     if nvcc is None or include is None or not (include / "cute" / "tensor.hpp").exists():
@@ -178,7 +182,8 @@ def test_decode_kernels_compile_without_spills_or_serialised_wgmma(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-3000:]
-    assert "C7519" not in report, [line for line in report.splitlines() if "C7519" in line][:3]
+    fenced = [line[:200] for line in report.splitlines() if re.search(r"\(C7519\)|serialized", line)]
+    assert not fenced, fenced[:3]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert spills, report[-2000:]
     assert all(s == "0" and l == "0" for s, l in spills), spills
