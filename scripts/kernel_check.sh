@@ -14,8 +14,8 @@ nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constex
   -o /tmp/phase_probe benchmarks/probes/phase_probe.cu cpp/scheduler/mla_metadata.cu >/tmp/phase_probe_build.log 2>&1 &
 probe_build=$!
 bash scripts/build_decode_harness.sh /tmp/decode_harness >/tmp/decode_harness_build.log 2>&1 || { tail -20 /tmp/decode_harness_build.log; exit 1; }
-timeout 90 /tmp/decode_harness | tail -12
-rc=${PIPESTATUS[0]}
+timeout 90 /tmp/decode_harness  # one line per case
+rc=$?
 echo "decode harness rc=$rc"
 [ "$rc" = 0 ] || exit 1
 wait "$probe_build" || { tail -20 /tmp/phase_probe_build.log; exit 1; }

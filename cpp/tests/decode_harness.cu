@@ -196,7 +196,10 @@ bool run_case(const Case& c, std::mt19937& rng) {
         }
         const double ref_lse = limit > 0 ? m + std::log(sum) : INFINITY;
         const float got_lse = lse[(static_cast<size_t>(i) * c.h_q + h) * c.s_q + t];
-        if (!(limit > 0 ? std::fabs(got_lse - ref_lse) <= 1e-3 : std::isinf(got_lse) && got_lse > 0)) ++bad, ++bad_lse;
+        if (!(limit > 0 ? std::fabs(got_lse - ref_lse) <= 1e-3 : std::isinf(got_lse) && got_lse > 0)) {
+          ++bad;
+          ++bad_lse;
+        }
         const uint16_t* orow = &out[((static_cast<size_t>(i) * c.s_q + t) * c.h_q + h) * kHeadDimV];
         for (int d = 0; d < kHeadDimV; ++d) {
           const double ref = limit > 0 ? acc[d] / sum : 0.0;
