@@ -30,8 +30,10 @@ inline constexpr int kSchedulerSmemRequests = 8192;
 inline constexpr int kSchedulerSmemParts = 1024;
 
 // ---- Split-KV decode kernel (cpp/decode) ----
-// Consumer warpgroups per CTA (QK^T, softmax, PV). A 64x512 fp32 output tile is half the
-// register file, so each one owns half of the output columns.
+// Consumer warpgroups per CTA. A 64x512 fp32 output tile is half the register file, so each one
+// owns half of the output columns in PV; warpgroup 0 alone computes S = Q K^T and the softmax of
+// every block (one N = 64 wgmma chain reads Q and K from shared memory once per block, where two
+// N = 32 halves read Q twice and were shared-memory-bound), and hands P to warpgroup 1.
 inline constexpr int kNumWarpgroups = 2;
 inline constexpr int kWarpgroupThreads = 128;
 inline constexpr int kConsumerThreads = kNumWarpgroups * kWarpgroupThreads;
@@ -53,8 +55,10 @@ static_assert(kNumWarpgroups * kWarpgroupThreads * kConsumerRegs + kWarpgroupThr
 inline constexpr int kHeadDimTile = 64;
 // Column tiles of one 64x576 K block: one TMA box each, all counted by the stage's barrier.
 inline constexpr int kNumKTiles = kHeadDim / kHeadDimTile;
-// Keys of a block whose logits one warpgroup computes (QK^T is split along the keys).
-inline constexpr int kHalfBlockN = kBlockN / kNumWarpgroups;
+// The column tile of the 64 RoPE channels: only QK^T reads it, so once QK^T of a block is done
+// it holds that block's P (the A operand of both PVs) until the stage is released.
+inline constexpr int kRopeTile = kNumKTiles - 1;
+static_assert(kHeadDimV == kRopeTile * kHeadDimTile, "V is exactly the tiles before the RoPE tile");
 // Output channels per warpgroup in PV.
 inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // K blocks in flight per CTA: with a 72 KiB Q tile, two 72 KiB K stages are what fits in the

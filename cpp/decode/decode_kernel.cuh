@@ -3,14 +3,17 @@
 //
 // Warp specialised. One thread of the producer warpgroup issues the TMA copies of every K block
 // into one of kKStages stages, once the consumers have released it (k_empty). Per 64-token
-// block, both consumer warpgroups:
-//   1. S_half = Q K_half^T      (wgmma; warpgroup w takes keys [32w, 32w + 32) of the block),
-//      once the block has landed (k_full)
-//   2. scale to base 2, mask by replacement, block row max -> shared memory      | kBarRowMax
-//   3. reference max from both halves, P = exp2(S - m), rescale O when the reference moved,
-//      P -> shared memory, zero V rows past the length in the last block       | kBarP
-//   4. O_half += P V_half        (wgmma; warpgroup w owns channels [256w, 256w + 256)), then
-//      release the stage (k_empty)
+// block:
+//   warpgroup 0: 1. S = Q K^T (wgmma, N = 64), once the block has landed (k_full)
+//                2. scale to base 2, mask by replacement, row max, reference max, P = exp2(S - m)
+//                3. P -> the block's RoPE tile, rescale factors -> shared memory, zero V rows
+//                   past the length in the last block                       | kBarP + stage
+//   warpgroup 1:    waits for kBarP + stage, reads the rescale factors
+//   both:        4. rescale O when the reference moved, O_half += P V_half (wgmma; warpgroup w
+//                   owns channels [256w, 256w + 256)), then release the stage (k_empty)
+// Warpgroup 0 never waits for warpgroup 1 within a piece: the stage it writes P into next was
+// released by both, and the barrier id alternates with the stage, so an id cannot be arrived on
+// twice before warpgroup 1 has waited on it once.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -82,10 +85,115 @@ __device__ __forceinline__ bool piece_has_bad_page(const DecodeParams& p, const 
   return any_bad != 0 || pc.bad_len;
 }
 
+// One consumer warpgroup's walk over the partition: warpgroup 0 (kComputesS) computes S, the
+// softmax and P; warpgroup 1 waits for P. Both run PV on their half of V.
+template <bool kComputesS, typename T>
+__device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorage<T>& smem, int row_block,
+                                             int kv_head, int part) {
+  using Traits = KernelTraits<T>;
+  constexpr int wg = kComputesS ? 0 : 1;
+  const int lane = threadIdx.x % 32;
+  const Partition pt = read_partition(p, part);
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  auto thr_o = mma_o.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  // (row, column) of every accumulator element this thread holds.
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
+  // P is stored with stmatrix: per-element stores need 32 live swizzled addresses.
+  auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
+  auto p_copy_thr = p_copy.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+
+  int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
+  CUTE_UNROLL
+  for (int i = 0; i < size(cO); ++i) rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
+
+  // K blocks this CTA has consumed: stage = loaded % kKStages, and the k_full parity of that
+  // stage's next use is (loaded / kKStages) & 1.
+  int loaded = 0;
+  PhaseClock clk;
+  clk.start();
+  for (int req = pt.first_req, slot = pt.first_slot; req <= pt.last_req; ++req, ++slot) {
+    const Piece pc = make_piece(p, pt, req);
+    const int seqlen = pc.seqlen;
+    const PieceTarget tg{req, kv_head, row_block, p.num_splits[req + 1] - p.num_splits[req] > 1, slot};
+    const int* pages = p.block_table + int64_t(req) * p.max_blocks;
+
+    if (piece_has_bad_page(p, pages, pc, threadIdx.x, kConsumerThreads, kBarPiece)) {
+      write_nan_piece<T>(p, tg);
+      clk.mark(kPhPieceStart);
+      continue;
+    }
+    // The producer issues this piece's first blocks meanwhile.
+    if (pc.begin < pc.n_end) load_q(p, smem, req, kv_head, row_block);
+
+    // Bottom-right causal limit of each of this thread's rows: token t sees keys < L - (s_q-1-t).
+    int limit[kRowsPerThread];
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const int row = min(row_block * kBlockM + rows[r], p.rows - 1);  // padding rows: any limit
+      limit[r] = p.causal ? seqlen - (p.s_q - 1 - row / p.heads_per_kv) : seqlen;
+    }
+    const int min_limit = p.causal ? seqlen - (p.s_q - 1) : seqlen;
+
+    SoftmaxState st;
+    st.reset();
+    clear(tOrO);
+    clk.mark(kPhPieceStart);
+    for (int n = pc.begin; n < pc.n_end; ++n, ++loaded) {
+      const int stage = loaded % kKStages;
+      float alpha[kRowsPerThread];
+      if constexpr (kComputesS) {
+#ifdef JAX_FLASHMLA_PHASE_CLOCKS
+        // gemm_qk waits again on the same phase, which then returns at once.
+        cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], (loaded / kKStages) & 1);
+        clk.mark(kPhKWait);
+#endif
+        Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+        gemm_qk(smem, stage, (loaded / kKStages) & 1, tSrS);
+        clk.mark(kPhQK);
+
+        scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, n * kBlockN, limit);
+        float mx[kRowsPerThread];
+        block_row_max(tSrS, cS, mx);
+        clk.mark(kPhRowMax);
+        softmax_update(tSrS, cS, st, mx, alpha);
+        // P is rounded to the input dtype here, before PV (as the pure-JAX path does), and
+        // stored over the RoPE tile, whose last reader was the QK^T above.
+        Tensor rP = make_tensor_like<T>(tSrS);
+        CUTE_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
+        Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems),
+                                typename Traits::SmemLayoutP{});
+        cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
+        if (lane % 4 == 0)
+          for (int r = 0; r < kRowsPerThread; ++r) smem.row_alpha[stage][rows[r]] = alpha[r];
+        if (n == pc.kv_blocks - 1 && seqlen % kBlockN != 0) zero_tail_v(smem, stage, seqlen % kBlockN);
+        cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
+        cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kBarP + stage);
+      } else {
+        cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarP + stage);
+        for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = smem.row_alpha[stage][rows[r]];
+      }
+      rescale_output(tOrO, cO, alpha);
+      clk.mark(kPhSoftmax);
+
+      gemm_pv(smem, stage, wg, tOrO);
+      // This warp's wgmmas on the stage are complete (gemm_pv waited): release it.
+      __syncwarp();
+      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.k_empty[stage]);
+      clk.mark(kPhPV);
+      clk.count_block();
+    }
+    write_piece(p, smem, tOrO, cO, st, rows, wg, tg);
+    clk.mark(kPhEpilogue);
+  }
+}
+
 template <typename T, typename TmaK>
 __global__ void __launch_bounds__(kDecodeThreads, 1)
     mla_decode_kernel(__grid_constant__ const DecodeParams p, __grid_constant__ const TmaK tma_k) {
-  using Traits = KernelTraits<T>;
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
 
@@ -93,7 +201,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   const int kv_head = blockIdx.y;
   const int part = blockIdx.z;
   const int wg = threadIdx.x / kWarpgroupThreads;
-  const int lane = threadIdx.x % 32;
   constexpr int kProducerWarpgroup = kNumWarpgroups;
   constexpr int kProducerThread = kProducerWarpgroup * kWarpgroupThreads;
 
@@ -133,97 +240,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   }
 
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  const Partition pt = read_partition(p, part);
-  typename Traits::TiledMmaS mma_s;
-  typename Traits::TiledMmaO mma_o;
-  auto thr_s = mma_s.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  auto thr_o = mma_o.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  // (row, column) of every accumulator element this thread holds.
-  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfBlockN>>{}));
-  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
-  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kHalfBlockN>>{});
-  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});
-
-  int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
-  CUTE_UNROLL
-  for (int i = 0; i < size(cS); ++i) rows[row_slot(get<0>(cS(i)))] = get<0>(cS(i));
-
-  // K blocks this CTA has consumed: stage = loaded % kKStages, and the k_full parity of that
-  // stage's next use is (loaded / kKStages) & 1.
-  int loaded = 0;
-  PhaseClock clk;
-  clk.start();
-  for (int req = pt.first_req, slot = pt.first_slot; req <= pt.last_req; ++req, ++slot) {
-    const Piece pc = make_piece(p, pt, req);
-    const int seqlen = pc.seqlen;
-    const PieceTarget tg{req, kv_head, row_block, p.num_splits[req + 1] - p.num_splits[req] > 1, slot};
-    const int* pages = p.block_table + int64_t(req) * p.max_blocks;
-
-    if (piece_has_bad_page(p, pages, pc, threadIdx.x, kConsumerThreads, kBarPiece)) {
-      write_nan_piece<T>(p, tg);
-      clk.mark(kPhPieceStart);
-      continue;
-    }
-    // The producer issues this piece's first blocks meanwhile.
-    if (pc.begin < pc.n_end) load_q(p, smem, req, kv_head, row_block);
-
-    // Bottom-right causal limit of each of this thread's rows: token t sees keys < L - (s_q-1-t).
-    int limit[kRowsPerThread];
-    for (int r = 0; r < kRowsPerThread; ++r) {
-      const int row = min(row_block * kBlockM + rows[r], p.rows - 1);  // padding rows: any limit
-      limit[r] = p.causal ? seqlen - (p.s_q - 1 - row / p.heads_per_kv) : seqlen;
-    }
-    const int min_limit = p.causal ? seqlen - (p.s_q - 1) : seqlen;
-
-    SoftmaxState st;
-    st.reset();
-    clear(tOrO);
-    clk.mark(kPhPieceStart);
-    for (int n = pc.begin; n < pc.n_end; ++n, ++loaded) {
-      const int stage = loaded % kKStages;
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-      // gemm_qk waits again on the same phase, which then returns at once.
-      cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], (loaded / kKStages) & 1);
-      clk.mark(kPhKWait);
-#endif
-      gemm_qk(smem, stage, (loaded / kKStages) & 1, wg, tSrS);
-      clk.mark(kPhQK);
-
-      const int key0 = n * kBlockN + wg * kHalfBlockN;
-      scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, key0, limit);
-      float mx[kRowsPerThread];
-      block_row_max(tSrS, cS, mx);
-      if (lane % 4 == 0)
-        for (int r = 0; r < kRowsPerThread; ++r) smem.row_max[wg][rows[r]] = mx[r];
-      cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarRowMax);
-      clk.mark(kPhRowMax);
-
-      float mx0[kRowsPerThread], mx1[kRowsPerThread], alpha[kRowsPerThread];
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        mx0[r] = smem.row_max[0][rows[r]];
-        mx1[r] = smem.row_max[1][rows[r]];
-      }
-      softmax_update(tSrS, cS, st, mx0, mx1, alpha);
-      rescale_output(tOrO, cO, alpha);
-      // P is rounded to the input dtype here, before PV (as the pure-JAX path does).
-      CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) sP(get<0>(cS(i)), wg * kHalfBlockN + get<1>(cS(i))) = T(tSrS(i));
-      if (n == pc.kv_blocks - 1 && seqlen % kBlockN != 0) zero_tail_v(smem, stage, wg, seqlen % kBlockN);
-      cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
-      cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarP);
-      clk.mark(kPhSoftmax);
-
-      gemm_pv(smem, stage, wg, tOrO);
-      // This warp's wgmmas on the stage are complete (gemm_pv waited): release it.
-      __syncwarp();
-      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&smem.k_empty[stage]);
-      clk.mark(kPhPV);
-      clk.count_block();
-    }
-    write_piece(p, smem, tOrO, cO, st, rows, wg, tg);
-    clk.mark(kPhEpilogue);
-  }
+  // Two instantiations, not runtime branches around wgmma: ptxas serialises every wgmma of a
+  // kernel that issues or waits for one on a path it cannot prove warpgroup-uniform.
+  if (wg == 0)
+    run_consumer<true>(p, smem, row_block, kv_head, part);
+  else
+    run_consumer<false>(p, smem, row_block, kv_head, part);
 }
 
 }  // namespace jax_flashmla::decode

@@ -31,12 +31,13 @@ struct KernelTraits {
   // offsets of SmemLayoutK, so V is never loaded or copied separately.
   using SmemLayoutVt =
       decltype(tile_to_shape(AtomMN{}, Shape<Int<kHeadDimV>, Int<kBlockN>>{}, Step<_2, _1>{}));
-  // P [kBlockM rows, kBlockN keys], the A operand of PV; each warpgroup writes its 32 keys.
+  // P [kBlockM rows, kBlockN keys], the A operand of PV, over the block's RoPE tile (the same
+  // [64, 64] swizzled arrangement as a K column tile).
   using SmemLayoutP = decltype(tile_to_shape(AtomK{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
-  // S half = Q K_half^T: one warpgroup, [kBlockM, kHalfBlockN] fp32 accumulators.
+  // S = Q K^T of a whole block: warpgroup 0, [kBlockM, kBlockN] fp32 accumulators.
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHalfBlockN>, Int<kHeadDimTile>>,
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDimTile>>,
                            GMMA::Major::K, GMMA::Major::K>()));
   // O half += P V_half: one warpgroup, [kBlockM, kHalfDimV] fp32 accumulators; V is
   // channel-contiguous (MN-major), which wgmma reads through its transpose mode.
@@ -55,9 +56,11 @@ struct SharedStorage {
   // 1024-byte alignment: the period of the 128-byte swizzle, which TMA and wgmma both assume.
   alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
   alignas(1024) T k[kKStages][cosize_v<typename Traits::SmemLayoutK>];
-  alignas(1024) T p[cosize_v<typename Traits::SmemLayoutP>];
-  // Per-warpgroup row maxima and row sums, exchanged so that both halves rescale identically.
-  float row_max[kNumWarpgroups][kBlockM];
+  // Factor O must be rescaled by before the PV of the block in stage s: [kKStages][kBlockM],
+  // written by warpgroup 0 with P, read by warpgroup 1 (per stage: warpgroup 0 rewrites a
+  // stage's factors only after the stage was released, i.e. after warpgroup 1 read them).
+  float row_alpha[kKStages][kBlockM];
+  // Per-warpgroup row sums for the epilogue (warpgroup 1's are zero: it computes no P).
   float row_sum[kNumWarpgroups][kBlockM];
   // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
   alignas(8) uint64_t k_full[kKStages];
@@ -69,12 +72,12 @@ struct SharedStorage {
 // Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
 // except kBarProducerPiece (the producer warpgroup's threads alone).
 enum NamedBarrierId : uint32_t {
-  kBarRowMax = 0,  // both warpgroups' block row maxima are in shared memory
-  kBarP = 1,       // both halves of P (and zeroed tail rows of V) are in shared memory
-  kBarRowSum = 2,  // both warpgroups' row sums are in shared memory
-  kBarQ = 3,       // the Q tile is in shared memory
-  kBarPiece = 4,   // a piece starts: its page ids are checked, the previous piece is done
-  kBarProducerPiece = 5,  // the producer's own check of a piece's page ids
+  kBarP = 0,       // + stage (two ids): P, its rescale factors and zeroed tail rows of V of the
+                   // block in that stage are in shared memory (warpgroup 0 arrives, 1 waits)
+  kBarRowSum = kBarP + kKStages,  // both warpgroups' row sums are in shared memory
+  kBarQ,       // the Q tile is in shared memory
+  kBarPiece,   // a piece starts: its page ids are checked, the previous piece is done
+  kBarProducerPiece,  // the producer's own check of a piece's page ids
 };
 
 }  // namespace jax_flashmla::decode

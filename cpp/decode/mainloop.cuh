@@ -71,21 +71,19 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
   }
 }
 
-// S_half [kBlockM, kHalfBlockN] = Q K[wg half of the keys]^T for the block in `stage`. Waits for
-// the whole block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519,
-// "warpgroup.arrive injected"), which drains the tensor pipe once per column tile. The TMA
-// copies of the block run ahead of the compute anyway (the next block is issued before this one
-// is consumed), so streaming tile by tile bought nothing.
+// S [kBlockM, kBlockN] = Q K^T for the block in `stage` (warpgroup 0). Waits for the whole
+// block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519, "warpgroup.arrive
+// injected"), which drains the tensor pipe once per column tile. The TMA copies of the block run
+// ahead of the compute anyway (the next block is issued before this one is consumed).
 template <typename T, typename FragS>
-__device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, FragS& tSrS) {
+__device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSrS) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma;
   auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
-  Tensor sKhalf = local_tile(sK, Shape<Int<kHalfBlockN>, Int<kHeadDim>>{}, make_coord(wg, _0{}));
-  Tensor tSrQ = thr.partition_fragment_A(sQ);      // (MMA, MMA_M, kHeadDim / 16)
-  Tensor tSrK = thr.partition_fragment_B(sKhalf);  // (MMA, MMA_N, kHeadDim / 16)
+  Tensor tSrQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, kHeadDim / 16)
+  Tensor tSrK = thr.partition_fragment_B(sK);  // (MMA, MMA_N, kHeadDim / 16)
 
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], phase);
   warpgroup_fence_operand(tSrS);
@@ -101,13 +99,15 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, int wg, Fr
   warpgroup_fence_operand(tSrS);
 }
 
-// O_half [kBlockM, kHalfDimV] += P V[:, wg half of the channels] for the block in `stage`.
+// O_half [kBlockM, kHalfDimV] += P V[:, wg half of the channels] for the block in `stage`, P
+// read from the stage's RoPE tile.
 template <typename T, typename FragO>
 __device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaO mma;
   auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  Tensor sP = make_tensor(make_smem_ptr(smem.p), typename Traits::SmemLayoutP{});
+  Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems),
+                         typename Traits::SmemLayoutP{});
   Tensor sVt = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutVt{});
   Tensor sVtHalf = local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(wg, _0{}));
   Tensor tOrP = thr.partition_fragment_A(sP);
@@ -123,19 +123,19 @@ __device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) 
   warpgroup_fence_operand(tOrO);
 }
 
-// Zeroes tokens [valid, kBlockN) of this warpgroup's V channels in `stage`. Those cache slots
-// may hold NaN, and P = 0 there does not help: 0 * NaN = NaN. One warpgroup; the caller fences
-// and synchronises before PV.
+// Zeroes tokens [valid, kBlockN) of every V channel in `stage`. Those cache slots may hold NaN,
+// and P = 0 there does not help: 0 * NaN = NaN. One warpgroup (warpgroup 0, after its QK^T,
+// which read those rows); the caller fences and synchronises before PV.
 template <typename T>
-__device__ void zero_tail_v(SharedStorage<T>& smem, int stage, int wg, int valid) {
+__device__ void zero_tail_v(SharedStorage<T>& smem, int stage, int valid) {
   using Traits = KernelTraits<T>;
   constexpr int kChunkElems = 16 / int(sizeof(T));
-  constexpr int kChunksPerRow = kHalfDimV / kChunkElems;
+  constexpr int kChunksPerRow = kHeadDimV / kChunkElems;
   Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
   const int tid = threadIdx.x % kWarpgroupThreads;
   for (int idx = tid; idx < (kBlockN - valid) * kChunksPerRow; idx += kWarpgroupThreads) {
     const int token = valid + idx / kChunksPerRow;
-    const int channel = wg * kHalfDimV + (idx % kChunksPerRow) * kChunkElems;
+    const int channel = (idx % kChunksPerRow) * kChunkElems;
     *reinterpret_cast<uint4*>(&sK(token, channel)) = make_uint4(0, 0, 0, 0);
   }
 }

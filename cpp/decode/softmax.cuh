@@ -1,10 +1,9 @@
-// Online softmax in base 2 over the wgmma accumulator fragments of one warpgroup.
+// Online softmax in base 2 over the wgmma accumulator fragments of warpgroup 0, which holds all
+// kBlockN logits of a block.
 //
 // Each thread holds two rows of the 64-row tile (the wgmma accumulator layout puts row r and
-// r + 8 of a 16-row slab in one thread, a row's columns in the 4 threads of a quad). The two
-// warpgroups see different keys of the same rows, so the row maximum is exchanged through
-// shared memory: both then rescale with the same maximum, bit for bit, and keep separate row
-// sums that add up in the epilogue.
+// r + 8 of a 16-row slab in one thread, a row's columns in the 4 threads of a quad). Warpgroup 1
+// computes no logits: it rescales its half of O by the factors warpgroup 0 publishes with P.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -66,21 +65,20 @@ __device__ void block_row_max(const FragS& s, const CoordS& cS, float (&mx)[kRow
   for (int r = 0; r < kRowsPerThread; ++r) mx[r] = quad_max(mx[r]);
 }
 
-// Given the block maxima of both warpgroups, turns logits into P (in place, fp32), updates the
+// Given the block's row maxima, turns logits into P (in place, fp32), updates the
 // reference max and this thread's row sums, and returns the factor the output must be rescaled
 // by. The reference max of a row moves only when a block's max exceeds it by more than
 // kRescaleSlackLog2: until then P is exponentiated against the older max (so P < 2^slack, far
 // inside the bf16/fp16 range) and alpha is exactly 1, which lets the caller skip rescaling O.
 // The final division by the row sum cancels the common factor either way.
 template <typename FragS, typename CoordS>
-__device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, const float (&mx0)[kRowsPerThread],
-                               const float (&mx1)[kRowsPerThread], float (&alpha)[kRowsPerThread]) {
+__device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, const float (&mx)[kRowsPerThread],
+                               float (&alpha)[kRowsPerThread]) {
   float m_ref[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
-    // Same operands in the same order in both warpgroups, so both take the same decision and
-    // keep the same reference, bit for bit. True when the first visible key arrives (m = -inf);
-    // false for a NaN block max, which then reaches O through P.
-    const float m_blk = fmaxf(mx0[r], mx1[r]);
+    // True when the first visible key arrives (m = -inf); false for a NaN block max, which then
+    // reaches O through P.
+    const float m_blk = mx[r];
     if (m_blk > st.m[r] + kRescaleSlackLog2) {
       alpha[r] = exp2f(st.m[r] - m_blk);
       st.m[r] = m_blk;
