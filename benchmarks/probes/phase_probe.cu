@@ -26,7 +26,7 @@ struct Cell {
   bool causal;
 };
 
-const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epilogue"};
+const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epi stores", "epi barrier", "Q load"};
 
 void run_cell(const Cell& c, int num_sm) {
   const int rows = c.s_q * c.h_q;  // h_kv = 1
@@ -118,6 +118,7 @@ int main() {
       {"P3", 128, 1, 64, 8192, false},
       {"P4", 128, 1, 128, 4096, false},
       {"P8", 1, 1, 128, 65536, false},
+      {"P10", 32, 4, 32, 4096, true},
   };
   for (const Cell& c : cells) run_cell(c, num_sm);
   return 0;

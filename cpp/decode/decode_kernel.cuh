@@ -127,7 +127,9 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
       continue;
     }
     // The producer issues this piece's first blocks meanwhile.
+    clk.mark(kPhPieceStart);
     if (pc.begin < pc.n_end) load_q(p, smem, req, kv_head, row_block);
+    clk.mark(kPhQLoad);
 
     // Bottom-right causal limit of each of this thread's rows: token t sees keys < L - (s_q-1-t).
     int limit[kRowsPerThread];
@@ -186,7 +188,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
       clk.mark(kPhPV);
       clk.count_block();
     }
-    write_piece(p, smem, tOrO, cO, st, rows, wg, tg);
+    write_piece(p, smem, tOrO, cO, st, rows, wg, tg, clk);
     clk.mark(kPhEpilogue);
   }
 }

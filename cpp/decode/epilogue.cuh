@@ -11,6 +11,7 @@
 #include "decode/decode_params.h"
 #include "decode/kernel_traits.cuh"
 #include "decode/mainloop.cuh"
+#include "decode/phase_clocks.cuh"
 #include "decode/softmax.cuh"
 
 namespace jax_flashmla::decode {
@@ -48,7 +49,7 @@ __device__ __forceinline__ int64_t accum_row(const DecodeParams& p, const PieceT
 template <typename T, typename FragO, typename CoordO>
 __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const FragO& o, const CoordO& cO,
                             const SoftmaxState& st, const int (&rows)[kRowsPerThread], int wg,
-                            const PieceTarget& tg) {
+                            const PieceTarget& tg, PhaseClock& clk) {
   const int lane = threadIdx.x % 32;
 
   for (int r = 0; r < kRowsPerThread; ++r) {
@@ -56,6 +57,7 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
     if (lane % 4 == 0) smem.row_sum[wg][rows[r]] = l;
   }
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarRowSum);
+  clk.mark(kPhEpiBarrier);
 
   float inv_l[kRowsPerThread], lse2[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
@@ -66,22 +68,37 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
     lse2[r] = no_keys ? -INFINITY : st.m[r] + log2f(l);
   }
 
+  // Where each of the thread's two rows goes, computed once: per element this leaves an add
+  // and a store. Per-element row arithmetic (an int64 product, or a division by heads_per_kv)
+  // unrolled over the 64 stores made this the largest code of the kernel, fetched cold once per
+  // piece.
   const int col0 = wg * kHalfDimV;
+  bool valid[kRowsPerThread];
+  float* acc_ptr[kRowsPerThread];
+  T* out_ptr[kRowsPerThread];
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    const int row = tg.row_block * kBlockM + rows[r];
+    valid[r] = row < p.rows;
+    const int safe_row = valid[r] ? row : 0;
+    acc_ptr[r] = p.out_accum + accum_row(p, tg, safe_row) * kHeadDimV + col0;
+    const PackedRow pr = unpack_row(p, tg.kv_head, safe_row);
+    out_ptr[r] = static_cast<T*>(p.out) + ((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + col0;
+  }
   // Consecutive fragment elements (i, i + 1) are adjacent columns of one row.
-  CUTE_UNROLL
-  for (int i = 0; i < size(o); i += 2) {
-    const int row_local = get<0>(cO(i));
-    const int row = tg.row_block * kBlockM + row_local;
-    if (row >= p.rows) continue;
-    const int r = row_slot(row_local);
-    const int col = col0 + get<1>(cO(i));
-    const float a = o(i) * inv_l[r], b = o(i + 1) * inv_l[r];
-    if (tg.split) {
-      *reinterpret_cast<float2*>(p.out_accum + accum_row(p, tg, row) * kHeadDimV + col) = make_float2(a, b);
-    } else {
-      const PackedRow pr = unpack_row(p, tg.kv_head, row);
-      T* out = static_cast<T*>(p.out) + ((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV;
-      *reinterpret_cast<typename Pair<T>::type*>(out + col) = Pair<T>::make(a, b);
+  if (tg.split) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(o); i += 2) {
+      const int r = row_slot(get<0>(cO(i)));
+      if (!valid[r]) continue;
+      *reinterpret_cast<float2*>(acc_ptr[r] + get<1>(cO(i))) = make_float2(o(i) * inv_l[r], o(i + 1) * inv_l[r]);
+    }
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < size(o); i += 2) {
+      const int r = row_slot(get<0>(cO(i)));
+      if (!valid[r]) continue;
+      *reinterpret_cast<typename Pair<T>::type*>(out_ptr[r] + get<1>(cO(i))) =
+          Pair<T>::make(o(i) * inv_l[r], o(i + 1) * inv_l[r]);
     }
   }
   if (wg == 0 && lane % 4 == 0) {

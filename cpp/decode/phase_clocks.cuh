@@ -14,7 +14,9 @@ enum Phase : int {
   kPhSoftmax,        // exp2, rescale O, P to shared memory, P barrier
   kPhPV,             // PV issue + completion
   kPhPieceStart,     // piece setup: barrier, block-table check, first loads, synchronous Q load
-  kPhEpilogue,       // write_piece
+  kPhEpilogue,       // write_piece: stores after the row-sum barrier
+  kPhEpiBarrier,     // write_piece: row sums, row-sum barrier
+  kPhQLoad,          // the synchronous Q load of a piece
   kNumPhases
 };
 
