@@ -7,13 +7,13 @@
 //   warpgroup 0: 1. S = Q K^T (wgmma, N = 64), once the block has landed (k_full)
 //                2. scale to base 2, mask by replacement, row max, reference max, P = exp2(S - m)
 //                3. P -> the block's RoPE tile, rescale factors -> shared memory, zero V rows
-//                   past the length in the last block                       | kBarP + stage
-//   warpgroup 1:    waits for kBarP + stage, reads the rescale factors
+//                   past the length in the last block                     | p_full[stage]
+//   warpgroup 1:    waits for p_full[stage], reads the rescale factors
 //   both:        4. rescale O when the reference moved, O_half += P V_half (wgmma; warpgroup w
 //                   owns channels [256w, 256w + 256)), then release the stage (k_empty)
 // Warpgroup 0 never waits for warpgroup 1 within a piece: the stage it writes P into next was
-// released by both, and the barrier id alternates with the stage, so an id cannot be arrived on
-// twice before warpgroup 1 has waited on it once.
+// released by both, so p_full[stage] cannot complete a phase twice before warpgroup 1 has waited
+// on it once.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -85,26 +85,65 @@ __device__ __forceinline__ bool piece_has_bad_page(const DecodeParams& p, const 
   return any_bad != 0 || pc.bad_len;
 }
 
-// One consumer warpgroup's walk over the partition: warpgroup 0 (kComputesS) computes S, the
-// softmax and P; warpgroup 1 waits for P. Both run PV on their half of V.
-template <bool kComputesS, typename T>
-__device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorage<T>& smem, int row_block,
-                                             int kv_head, int part) {
+// Warpgroup 0's part of a block: S = Q K^T of the block in `stage`, the online softmax, P over
+// the stage's RoPE tile (rounded to the input dtype here, before PV, as the pure-JAX path does),
+// the rescale factors, zeroed V rows past the length; then p_full[stage] tells warpgroup 1.
+// Self-contained (every wgmma it issues is waited for inside): ptxas serialises the wgmma of a
+// kernel whose issue and wait sit under different runtime branches.
+template <typename T>
+__device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T>& smem, int stage, int phase, int n,
+                                          const Piece& pc, int min_limit, const int (&limit)[kRowsPerThread],
+                                          const int (&rows)[kRowsPerThread], SoftmaxState& st,
+                                          float (&alpha)[kRowsPerThread], PhaseClock& clk) {
   using Traits = KernelTraits<T>;
-  constexpr int wg = kComputesS ? 0 : 1;
-  const int lane = threadIdx.x % 32;
-  const Partition pt = read_partition(p, part);
   typename Traits::TiledMmaS mma_s;
-  typename Traits::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  auto thr_o = mma_o.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  // (row, column) of every accumulator element this thread holds.
   Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
-  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
-  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
-  // P is stored with stmatrix: per-element stores need 32 live swizzled addresses.
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+#ifdef JAX_FLASHMLA_PHASE_CLOCKS
+  // gemm_qk waits again on the same phase, which then returns at once.
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], phase);
+  clk.mark(kPhKWait);
+#endif
+  gemm_qk(smem, stage, phase, tSrS);
+  clk.mark(kPhQK);
+
+  scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, n * kBlockN, limit);
+  float mx[kRowsPerThread];
+  block_row_max(tSrS, cS, mx);
+  clk.mark(kPhRowMax);
+  softmax_update(tSrS, cS, st, mx, alpha);
+  Tensor rP = make_tensor_like<T>(tSrS);
+  CUTE_UNROLL
+  for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
+  // stmatrix: per-element stores need 32 live swizzled addresses.
   auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
   auto p_copy_thr = p_copy.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
+  cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
+  if (threadIdx.x % 4 == 0)
+    for (int r = 0; r < kRowsPerThread; ++r) smem.row_alpha[stage][rows[r]] = alpha[r];
+  if (n == pc.kv_blocks - 1 && pc.seqlen % kBlockN != 0) zero_tail_v(smem, stage, pc.seqlen % kBlockN);
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
+  // Release semantics: the writes above are visible to warpgroup 1 once its wait returns.
+  cutlass::arch::ClusterBarrier::arrive(&smem.p_full[stage]);
+}
+
+// One consumer warpgroup's walk over the partition: warpgroup 0 computes S, the softmax and P
+// (compute_p); warpgroup 1 waits for P. Both run PV on their half of V. One code path for both:
+// the named barriers they share (piece start, Q, row sums) are each reached from one place, as
+// compute-sanitizer's synccheck and racecheck require.
+template <typename T>
+__device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorage<T>& smem, int row_block,
+                                             int kv_head, int part, int wg) {
+  using Traits = KernelTraits<T>;
+  const int lane = threadIdx.x % 32;
+  const Partition pt = read_partition(p, part);
+  typename Traits::TiledMmaO mma_o;
+  auto thr_o = mma_o.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  // (row, column) of every accumulator element this thread holds.
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
+  Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
 
   int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
   CUTE_UNROLL
@@ -145,37 +184,12 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
     clk.mark(kPhPieceStart);
     for (int n = pc.begin; n < pc.n_end; ++n, ++loaded) {
       const int stage = loaded % kKStages;
+      const int phase = (loaded / kKStages) & 1;
       float alpha[kRowsPerThread];
-      if constexpr (kComputesS) {
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-        // gemm_qk waits again on the same phase, which then returns at once.
-        cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], (loaded / kKStages) & 1);
-        clk.mark(kPhKWait);
-#endif
-        Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-        gemm_qk(smem, stage, (loaded / kKStages) & 1, tSrS);
-        clk.mark(kPhQK);
-
-        scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, n * kBlockN, limit);
-        float mx[kRowsPerThread];
-        block_row_max(tSrS, cS, mx);
-        clk.mark(kPhRowMax);
-        softmax_update(tSrS, cS, st, mx, alpha);
-        // P is rounded to the input dtype here, before PV (as the pure-JAX path does), and
-        // stored over the RoPE tile, whose last reader was the QK^T above.
-        Tensor rP = make_tensor_like<T>(tSrS);
-        CUTE_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
-        Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems),
-                                typename Traits::SmemLayoutP{});
-        cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
-        if (lane % 4 == 0)
-          for (int r = 0; r < kRowsPerThread; ++r) smem.row_alpha[stage][rows[r]] = alpha[r];
-        if (n == pc.kv_blocks - 1 && seqlen % kBlockN != 0) zero_tail_v(smem, stage, seqlen % kBlockN);
-        cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
-        cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kBarP + stage);
+      if (wg == 0) {
+        compute_p(p, smem, stage, phase, n, pc, min_limit, limit, rows, st, alpha, clk);
       } else {
-        cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarP + stage);
+        cutlass::arch::ClusterBarrier::wait(&smem.p_full[stage], phase);
         for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = smem.row_alpha[stage][rows[r]];
       }
       rescale_output(tOrO, cO, alpha);
@@ -211,6 +225,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     for (int s = 0; s < kKStages; ++s) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s], 1);
       cutlass::arch::ClusterBarrier::init(&smem.k_empty[s], kConsumerWarps);
+      cutlass::arch::ClusterBarrier::init(&smem.p_full[s], kWarpgroupThreads);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -242,12 +257,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   }
 
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
-  // Two instantiations, not runtime branches around wgmma: ptxas serialises every wgmma of a
-  // kernel that issues or waits for one on a path it cannot prove warpgroup-uniform.
-  if (wg == 0)
-    run_consumer<true>(p, smem, row_block, kv_head, part);
-  else
-    run_consumer<false>(p, smem, row_block, kv_head, part);
+  run_consumer(p, smem, row_block, kv_head, part, wg);
 }
 
 }  // namespace jax_flashmla::decode

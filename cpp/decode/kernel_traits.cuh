@@ -67,14 +67,17 @@ struct SharedStorage {
   // One barrier per K stage that the kConsumerWarps arrive on once their PV on it is done: the
   // producer refills the stage after it completes.
   alignas(8) uint64_t k_empty[kKStages];
+  // One barrier per K stage that warpgroup 0's threads arrive on once P, the rescale factors and
+  // the zeroed V tail of the stage's block are in shared memory; warpgroup 1 waits on it (its
+  // phase per use is that of k_full). An mbarrier rather than a named barrier: warpgroup 0 never
+  // waits, and the two sides are different code.
+  alignas(8) uint64_t p_full[kKStages];
 };
 
 // Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
 // except kBarProducerPiece (the producer warpgroup's threads alone).
 enum NamedBarrierId : uint32_t {
-  kBarP = 0,       // + stage (two ids): P, its rescale factors and zeroed tail rows of V of the
-                   // block in that stage are in shared memory (warpgroup 0 arrives, 1 waits)
-  kBarRowSum = kBarP + kKStages,  // both warpgroups' row sums are in shared memory
+  kBarRowSum = 0,  // both warpgroups' row sums are in shared memory
   kBarQ,       // the Q tile is in shared memory
   kBarPiece,   // a piece starts: its page ids are checked, the previous piece is done
   kBarProducerPiece,  // the producer's own check of a piece's page ids
