@@ -121,6 +121,11 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   auto p_copy_thr = p_copy.get_thread_slice(threadIdx.x % kWarpgroupThreads);
   Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
   cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
+  // Warpgroup 1 read the stage's previous factors before its release (k_empty) of the stage's
+  // previous block. This block landed after that release, so the wait returns at once; it makes
+  // the order direct (release -> acquire) rather than through the producer's TMA, which
+  // compute-sanitizer's racecheck does not follow.
+  cutlass::arch::ClusterBarrier::wait(&smem.k_empty[stage], phase ^ 1);
   if (threadIdx.x % 4 == 0)
     for (int r = 0; r < kRowsPerThread; ++r) smem.row_alpha[stage][rows[r]] = alpha[r];
   if (n == pc.kv_blocks - 1 && pc.seqlen % kBlockN != 0) zero_tail_v(smem, stage, pc.seqlen % kBlockN);
