@@ -121,11 +121,12 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   auto p_copy_thr = p_copy.get_thread_slice(threadIdx.x % kWarpgroupThreads);
   Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
   cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
-  // Warpgroup 1 read the stage's previous factors before its release (k_empty) of the stage's
-  // previous block. This block landed after that release, so the wait returns at once; it makes
-  // the order direct (release -> acquire) rather than through the producer's TMA, which
-  // compute-sanitizer's racecheck does not follow.
-  cutlass::arch::ClusterBarrier::wait(&smem.k_empty[stage], phase ^ 1);
+  // Warpgroup 1 has read the stage's previous factors: every one of its threads arrived on
+  // alpha_free after reading. That already follows from the stage's refill (this block landed
+  // after warpgroup 1 released the stage), so the wait returns at once; it states the order
+  // directly, per thread, which compute-sanitizer's racecheck needs (it does not follow lane 0's
+  // k_empty arrival after __syncwarp back to the other lanes' reads).
+  cutlass::arch::ClusterBarrier::wait(&smem.alpha_free[stage], phase ^ 1);
   if (threadIdx.x % 4 == 0)
     for (int r = 0; r < kRowsPerThread; ++r) smem.row_alpha[stage][rows[r]] = alpha[r];
   if (n == pc.kv_blocks - 1 && pc.seqlen % kBlockN != 0) zero_tail_v(smem, stage, pc.seqlen % kBlockN);
@@ -196,6 +197,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
       } else {
         cutlass::arch::ClusterBarrier::wait(&smem.p_full[stage], phase);
         for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = smem.row_alpha[stage][rows[r]];
+        cutlass::arch::ClusterBarrier::arrive(&smem.alpha_free[stage]);
       }
       rescale_output(tOrO, cO, alpha);
       clk.mark(kPhSoftmax);
@@ -231,6 +233,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s], 1);
       cutlass::arch::ClusterBarrier::init(&smem.k_empty[s], kConsumerWarps);
       cutlass::arch::ClusterBarrier::init(&smem.p_full[s], kWarpgroupThreads);
+      cutlass::arch::ClusterBarrier::init(&smem.alpha_free[s], kWarpgroupThreads);
     }
     cutlass::arch::fence_barrier_init();
   }

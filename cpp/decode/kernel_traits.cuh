@@ -72,6 +72,9 @@ struct SharedStorage {
   // phase per use is that of k_full). An mbarrier rather than a named barrier: warpgroup 0 never
   // waits, and the two sides are different code.
   alignas(8) uint64_t p_full[kKStages];
+  // One barrier per K stage that warpgroup 1's threads arrive on once they have read the stage's
+  // rescale factors; warpgroup 0 waits on the previous phase before writing the next ones.
+  alignas(8) uint64_t alpha_free[kKStages];
 };
 
 // Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
