@@ -44,6 +44,17 @@ __device__ __forceinline__ int64_t accum_row(const DecodeParams& p, const PieceT
   return (int64_t(tg.slot) * p.h_kv + tg.kv_head) * p.rows + row;
 }
 
+// Where packed row `row` of an unsplit request goes: its row of `out` ([batch, s_q, h_q]
+// flattened) and its index in `lse` ([batch, h_q, s_q]).
+struct OutRow {
+  int64_t out;
+  int64_t lse;
+};
+__device__ __forceinline__ OutRow out_row(const DecodeParams& p, const PieceTarget& tg, int row) {
+  const PackedRow pr = unpack_row(p, tg.kv_head, row);
+  return {(int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head, (int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token};
+}
+
 // All threads. `o` holds this warpgroup's [kBlockM, kHalfDimV] unnormalised output; `rows` are
 // the two tile rows this thread holds (the same in every 64-row wgmma accumulator).
 template <typename T, typename FragO, typename CoordO>
@@ -74,15 +85,18 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
   // piece.
   const int col0 = wg * kHalfDimV;
   bool valid[kRowsPerThread];
+  int64_t acc[kRowsPerThread];
+  OutRow dst[kRowsPerThread];
   float* acc_ptr[kRowsPerThread];
   T* out_ptr[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
     const int row = tg.row_block * kBlockM + rows[r];
     valid[r] = row < p.rows;
     const int safe_row = valid[r] ? row : 0;
-    acc_ptr[r] = p.out_accum + accum_row(p, tg, safe_row) * kHeadDimV + col0;
-    const PackedRow pr = unpack_row(p, tg.kv_head, safe_row);
-    out_ptr[r] = static_cast<T*>(p.out) + ((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + col0;
+    acc[r] = accum_row(p, tg, safe_row);
+    dst[r] = out_row(p, tg, safe_row);
+    acc_ptr[r] = p.out_accum + acc[r] * kHeadDimV + col0;
+    out_ptr[r] = static_cast<T*>(p.out) + dst[r].out * kHeadDimV + col0;
   }
   // Consecutive fragment elements (i, i + 1) are adjacent columns of one row.
   if (tg.split) {
@@ -103,15 +117,12 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
   }
   if (wg == 0 && lane % 4 == 0) {
     for (int r = 0; r < kRowsPerThread; ++r) {
-      const int row = tg.row_block * kBlockM + rows[r];
-      if (row >= p.rows) continue;
+      if (!valid[r]) continue;
       if (tg.split) {
-        p.lse_accum[accum_row(p, tg, row)] = lse2[r];
+        p.lse_accum[acc[r]] = lse2[r];
       } else {
-        const PackedRow pr = unpack_row(p, tg.kv_head, row);
         // A row with no visible key has lse = log(0) of the empty sum, reported as +inf.
-        const float lse = lse2[r] == -INFINITY ? INFINITY : lse2[r] * kLn2;
-        p.lse[(int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
+        p.lse[dst[r].lse] = lse2[r] == -INFINITY ? INFINITY : lse2[r] * kLn2;
       }
     }
   }
@@ -127,13 +138,13 @@ __device__ void write_nan_piece(const DecodeParams& p, const PieceTarget& tg) {
     const int row = tg.row_block * kBlockM + idx / kHeadDimV;
     const int col = idx % kHeadDimV;
     if (row >= p.rows) continue;
-    const PackedRow pr = unpack_row(p, tg.kv_head, row);
     if (tg.split) {
       p.out_accum[accum_row(p, tg, row) * kHeadDimV + col] = nan;
       if (col == 0) p.lse_accum[accum_row(p, tg, row)] = nan;
     } else {
-      static_cast<T*>(p.out)[((int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + col] = T(nan);
-      if (col == 0) p.lse[(int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token] = nan;
+      const OutRow dst = out_row(p, tg, row);
+      static_cast<T*>(p.out)[dst.out * kHeadDimV + col] = T(nan);
+      if (col == 0) p.lse[dst.lse] = nan;
     }
   }
 }
