@@ -108,11 +108,11 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   gemm_qk(smem, stage, phase, tSrS);
   clk.mark(kPhQK);
 
-  scale_and_mask(tSrS, cS, p.scale_log2, (n + 1) * kBlockN > min_limit, n * kBlockN, limit);
+  if ((n + 1) * kBlockN > min_limit) mask_invisible(tSrS, cS, n * kBlockN, limit);
   float mx[kRowsPerThread];
-  block_row_max(tSrS, cS, mx);
+  block_row_max(tSrS, cS, p.scale_log2, mx);
   clk.mark(kPhRowMax);
-  softmax_update(tSrS, cS, st, mx, alpha);
+  softmax_update(tSrS, cS, p.scale_log2, st, mx, alpha);
   Tensor rP = make_tensor_like<T>(tSrS);
   CUTE_UNROLL
   for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));

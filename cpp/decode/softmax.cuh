@@ -39,48 +39,69 @@ struct SoftmaxState {
   }
 };
 
-// Scales logits to base 2 and replaces invisible ones by -inf. Replacing, not adding a bias:
-// a logit computed from a NaN cache slot must vanish. `key0` is the token of column 0;
-// `limit[s]` is one past the last key visible to row slot s.
-template <typename FragS, typename CoordS>
-__device__ void scale_and_mask(FragS& s, const CoordS& cS, float scale_log2, bool need_mask, int key0,
-                               const int (&limit)[kRowsPerThread]) {
-  CUTE_UNROLL
-  for (int i = 0; i < size(s); ++i) {
-    float v = s(i) * scale_log2;
-    if (need_mask && key0 + get<1>(cS(i)) >= limit[row_slot(get<0>(cS(i)))]) v = -INFINITY;
-    s(i) = v;
-  }
+// Independent partial results per row in the row max and row sum: one running value would chain
+// the 16 logits of a row through 16 dependent instructions (~4 cycles each).
+inline constexpr int kReducePartials = 4;
+// The fragment holds each row's values in pairs (i, i + 1), rows alternating every pair: the
+// partial that element i feeds.
+__device__ __forceinline__ constexpr int reduce_partial(int i) { return (i / 4) % kReducePartials; }
+static_assert(kReducePartials == 4, "block_row_max and softmax_update combine exactly four partials");
+
+// exp2 without the range fix-up of exp2f (which scales arguments below -126 to keep denormal
+// results: three more instructions per logit): a P below 2^-126 of its row's reference is
+// flushed to 0, far under the rounding of P to bf16/fp16. ex2(-inf) = +0, ex2(NaN) = NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
-// Row maxima of this warpgroup's logits, reduced over the quad: [kRowsPerThread].
+// Replaces invisible raw logits by -inf (replacing, not adding a bias: a logit computed from a
+// NaN cache slot must vanish). `key0` is the token of column 0; `limit[s]` is one past the last
+// key visible to row slot s. Only blocks that reach a limit call it (a uniform branch outside):
+// the per-logit compare and select are a quarter of the softmax's instructions.
 template <typename FragS, typename CoordS>
-__device__ void block_row_max(const FragS& s, const CoordS& cS, float (&mx)[kRowsPerThread]) {
-  for (int r = 0; r < kRowsPerThread; ++r) mx[r] = -INFINITY;
+__device__ void mask_invisible(FragS& s, const CoordS& cS, int key0, const int (&limit)[kRowsPerThread]) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(s); ++i)
+    if (key0 + get<1>(cS(i)) >= limit[row_slot(get<0>(cS(i)))]) s(i) = -INFINITY;
+}
+
+// Row maxima of the block's raw logits, reduced over the quad, in base 2: [kRowsPerThread].
+// softmax_scale > 0 (validated on the Python side), so scaling after the max is exact.
+template <typename FragS, typename CoordS>
+__device__ void block_row_max(const FragS& s, const CoordS& cS, float scale_log2, float (&mx)[kRowsPerThread]) {
+  float part[kRowsPerThread][kReducePartials];
+  for (int r = 0; r < kRowsPerThread; ++r)
+    for (int k = 0; k < kReducePartials; ++k) part[r][k] = -INFINITY;
   CUTE_UNROLL
   for (int i = 0; i < size(s); ++i) {
     const int r = row_slot(get<0>(cS(i)));
-    mx[r] = fmaxf(mx[r], s(i));
+    part[r][reduce_partial(i)] = fmaxf(part[r][reduce_partial(i)], s(i));
   }
-  for (int r = 0; r < kRowsPerThread; ++r) mx[r] = quad_max(mx[r]);
+  for (int r = 0; r < kRowsPerThread; ++r) {
+    mx[r] = fmaxf(fmaxf(part[r][0], part[r][1]), fmaxf(part[r][2], part[r][3]));
+    mx[r] = quad_max(mx[r]) * scale_log2;
+  }
 }
 
-// Given the block's row maxima, turns logits into P (in place, fp32), updates the
-// reference max and this thread's row sums, and returns the factor the output must be rescaled
-// by. The reference max of a row moves only when a block's max exceeds it by more than
-// kRescaleSlackLog2: until then P is exponentiated against the older max (so P < 2^slack, far
-// inside the bf16/fp16 range) and alpha is exactly 1, which lets the caller skip rescaling O.
-// The final division by the row sum cancels the common factor either way.
+// Given the block's base-2 row maxima, turns raw logits into P (in place, fp32; one FFMA and
+// one ex2 per logit: p = 2^(s * scale_log2 - m)), updates the reference max and this thread's
+// row sums, and returns the factor the output must be rescaled by. The reference max of a row
+// moves only when a block's max exceeds it by more than kRescaleSlackLog2: until then P is
+// exponentiated against the older max (so P < 2^slack, far inside the bf16/fp16 range) and
+// alpha is exactly 1, which lets the caller skip rescaling O. The final division by the row sum
+// cancels the common factor either way.
 template <typename FragS, typename CoordS>
-__device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, const float (&mx)[kRowsPerThread],
-                               float (&alpha)[kRowsPerThread]) {
-  float m_ref[kRowsPerThread];
+__device__ void softmax_update(FragS& s, const CoordS& cS, float scale_log2, SoftmaxState& st,
+                               const float (&mx)[kRowsPerThread], float (&alpha)[kRowsPerThread]) {
+  float neg_ref[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
     // True when the first visible key arrives (m = -inf); false for a NaN block max, which then
     // reaches O through P.
     const float m_blk = mx[r];
     if (m_blk > st.m[r] + kRescaleSlackLog2) {
-      alpha[r] = exp2f(st.m[r] - m_blk);
+      alpha[r] = exp2_ftz(st.m[r] - m_blk);
       st.m[r] = m_blk;
       st.l[r] *= alpha[r];
     } else {
@@ -88,15 +109,17 @@ __device__ void softmax_update(FragS& s, const CoordS& cS, SoftmaxState& st, con
     }
     // While a row has seen no visible key its max is -inf; exponentiate against 0 instead so
     // that exp2(-inf - -inf) = NaN never appears.
-    m_ref[r] = st.m[r] == -INFINITY ? 0.f : st.m[r];
+    neg_ref[r] = st.m[r] == -INFINITY ? 0.f : -st.m[r];
   }
+  float part[kRowsPerThread][kReducePartials] = {};
   CUTE_UNROLL
   for (int i = 0; i < size(s); ++i) {
     const int r = row_slot(get<0>(cS(i)));
-    const float p = exp2f(s(i) - m_ref[r]);
-    st.l[r] += p;
+    const float p = exp2_ftz(fmaf(s(i), scale_log2, neg_ref[r]));
+    part[r][reduce_partial(i)] += p;
     s(i) = p;
   }
+  for (int r = 0; r < kRowsPerThread; ++r) st.l[r] += (part[r][0] + part[r][1]) + (part[r][2] + part[r][3]);
 }
 
 // Multiplies O by alpha, unless no thread of the warp has a factor other than 1 (the common case

@@ -79,7 +79,8 @@ ffi::Error MlaDecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
       h_kv > kMaxGridYZ || parts > kMaxGridYZ) {
     return bad("sizes beyond the kernel's int32 indexing or grid limits");
   }
-  if (!std::isfinite(softmax_scale)) return bad("softmax_scale must be finite");
+  // > 0: the kernel takes the row max of raw logits and scales it afterwards.
+  if (!std::isfinite(softmax_scale) || !(softmax_scale > 0.f)) return bad("softmax_scale must be finite and > 0");
 
   DecodeParams p;
   p.q = q.untyped_data();
