@@ -10,8 +10,8 @@ namespace jax_flashmla::decode {
 enum Phase : int {
   kPhKWait = 0,      // the block's TMA copies land
   kPhQK,             // QK^T issue + completion
-  kPhRowMax,         // scale, mask, block row max, exchange barrier
-  kPhSoftmax,        // exp2, rescale O, P to shared memory, P barrier
+  kPhRowMax,         // mask (blocks that reach a limit), block row max
+  kPhSoftmax,        // exp2, P to shared memory, p_full; rescale O
   kPhPV,             // PV issue + completion
   kPhPieceStart,     // piece setup: barrier, block-table check, first loads, synchronous Q load
   kPhEpilogue,       // write_piece: stores after the row-sum barrier
