@@ -5,7 +5,7 @@
 // into one of kKStages stages, once the consumers have released it (k_empty). Per 64-token
 // block:
 //   warpgroup 0: 1. S = Q K^T (wgmma, N = 64), once the block has landed (k_full)
-//                2. scale to base 2, mask by replacement, row max, reference max, P = exp2(S - m)
+//                2. mask by replacement, row max, reference max, P = exp2(S * scale - m)
 //                3. P -> the block's RoPE tile, rescale factors -> shared memory, zero V rows
 //                   past the length in the last block                     | p_full[stage]
 //   warpgroup 1:    waits for p_full[stage], reads the rescale factors

@@ -68,7 +68,8 @@ __device__ void mask_invisible(FragS& s, const CoordS& cS, int key0, const int (
 }
 
 // Row maxima of the block's raw logits, reduced over the quad, in base 2: [kRowsPerThread].
-// softmax_scale > 0 (validated on the Python side), so scaling after the max is exact.
+// softmax_scale > 0 (validated by the Python side and the FFI handler), so scaling after the max
+// is exact.
 template <typename FragS, typename CoordS>
 __device__ void block_row_max(const FragS& s, const CoordS& cS, float scale_log2, float (&mx)[kRowsPerThread]) {
   float part[kRowsPerThread][kReducePartials];
