@@ -63,16 +63,20 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
                             const PieceTarget& tg, PhaseClock& clk) {
   const int lane = threadIdx.x % 32;
 
-  for (int r = 0; r < kRowsPerThread; ++r) {
-    const float l = quad_sum(st.l[r]);
-    if (lane % 4 == 0) smem.row_sum[wg][rows[r]] = l;
+  // Warpgroup 0 alone computed P, so its row sums are the rows' whole sums (warpgroup 1's st.l
+  // stays 0); both warpgroups normalise by them.
+  if (wg == 0) {
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      const float l = quad_sum(st.l[r]);
+      if (lane % 4 == 0) smem.row_sum[rows[r]] = l;
+    }
   }
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarRowSum);
   clk.mark(kPhEpiBarrier);
 
   float inv_l[kRowsPerThread], lse2[kRowsPerThread];
   for (int r = 0; r < kRowsPerThread; ++r) {
-    const float l = smem.row_sum[0][rows[r]] + smem.row_sum[1][rows[r]];
+    const float l = smem.row_sum[rows[r]];
     // Tested as == 0, not > 0: a NaN must reach the output, not pass for an empty row.
     const bool no_keys = l == 0.f;
     inv_l[r] = no_keys ? 0.f : 1.f / l;

@@ -60,8 +60,9 @@ struct SharedStorage {
   // written by warpgroup 0 with P, read by warpgroup 1 (per stage: warpgroup 0 rewrites a
   // stage's factors only after the stage was released, i.e. after warpgroup 1 read them).
   float row_alpha[kKStages][kBlockM];
-  // Per-warpgroup row sums for the epilogue (warpgroup 1's are zero: it computes no P).
-  float row_sum[kNumWarpgroups][kBlockM];
+  // Row sums for the epilogue: [kBlockM], written by warpgroup 0 (the one that computes P), read
+  // by both.
+  float row_sum[kBlockM];
   // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
   alignas(8) uint64_t k_full[kKStages];
   // One barrier per K stage that the kConsumerWarps arrive on once their PV on it is done: the
@@ -80,7 +81,7 @@ struct SharedStorage {
 // Named barriers (ids above CUTLASS's reserved ones); each is used by the kConsumerThreads,
 // except kBarProducerPiece (the producer warpgroup's threads alone).
 enum NamedBarrierId : uint32_t {
-  kBarRowSum = 0,  // both warpgroups' row sums are in shared memory
+  kBarRowSum = 0,  // warpgroup 0's row sums are in shared memory
   kBarQ,       // the Q tile is in shared memory
   kBarPiece,   // a piece starts: its page ids are checked, the previous piece is done
   kBarProducerPiece,  // the producer's own check of a piece's page ids

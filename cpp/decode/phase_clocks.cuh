@@ -13,7 +13,7 @@ enum Phase : int {
   kPhRowMax,         // mask (blocks that reach a limit), block row max
   kPhSoftmax,        // exp2, P to shared memory, p_full; rescale O
   kPhPV,             // PV issue + completion
-  kPhPieceStart,     // piece setup: barrier, block-table check, first loads, synchronous Q load
+  kPhPieceStart,     // piece setup: barrier, block-table check
   kPhEpilogue,       // write_piece: stores after the row-sum barrier
   kPhEpiBarrier,     // write_piece: row sums, row-sum barrier
   kPhQLoad,          // the synchronous Q load of a piece
