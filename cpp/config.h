@@ -65,6 +65,15 @@ inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // 227 KiB of shared memory.
 inline constexpr int kKStages = 2;
 
+// Epilogue staging. A 64-row accumulator gives each warp 16 rows; a thread holds 2 adjacent
+// columns of a row, so direct stores write 8-32 bytes per row per warp instruction (8 L2
+// transactions each). Instead each warp stages its rows in its own slice of the Q tile (free once
+// the piece's last QK^T is done) and then stores one row per instruction: 32 lanes x 16 bytes.
+inline constexpr int kEpiRowsPerWarp = 16;
+inline constexpr int kEpiChunkBytes = 16;                        // one lane's vector store
+inline constexpr int kEpiRowBytes = 32 * kEpiChunkBytes;         // one staged row per pass
+inline constexpr int kEpiWarpBytes = kEpiRowsPerWarp * kEpiRowBytes;  // 8 KiB per warp per pass
+
 // How far (base 2) a row's running max may rise above the max its P and O are referenced to
 // before O is rescaled: P stays below 2^8 = 256, and most blocks skip the 128 multiplies a thread
 // of the rescale.

@@ -26,6 +26,11 @@ struct Pair<cutlass::bfloat16_t> {
   static __device__ type make(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 template <>
+struct Pair<float> {
+  using type = float2;
+  static __device__ type make(float a, float b) { return make_float2(a, b); }
+};
+template <>
 struct Pair<cutlass::half_t> {
   using type = __half2;
   static __device__ type make(float a, float b) { return __floats2half2_rn(a, b); }
@@ -53,6 +58,65 @@ struct OutRow {
 __device__ __forceinline__ OutRow out_row(const DecodeParams& p, const PieceTarget& tg, int row) {
   const PackedRow pr = unpack_row(p, tg.kv_head, row);
   return {(int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head, (int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token};
+}
+
+// A 16-byte global store to an address that came through a shuffle (the compiler cannot tell
+// its state space, and would emit a generic store).
+__device__ __forceinline__ void store_global_16(uintptr_t addr, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// Writes this warp's [kEpiRowsPerWarp, kHalfDimV] slab of normalised output as `Out` (fp32
+// partials or the final dtype): in passes of kEpiRowBytes per row, the fragments go to the
+// warp's staging slice (a 16-byte chunk c of row r sits at chunk c ^ (r % 8), so the 8 rows of
+// a fragment store fall on different banks), then each row leaves as one 512-byte store of the
+// whole warp. `row_dst` (lanes < kEpiRowsPerWarp) is where each row's first column goes.
+template <typename Out, typename FragO, typename CoordO>
+__device__ __forceinline__ void store_rows_staged(const FragO& o, const CoordO& cO, const float (&inv_l)[kRowsPerThread],
+                                                  int slab_row0, int col0, char* stage_buf, char* row_dst,
+                                                  uint32_t valid_rows) {
+  constexpr int kElemsPerPass = kEpiRowBytes / int(sizeof(Out));
+  constexpr int kPasses = kHalfDimV / kElemsPerPass;
+  constexpr int kFragPerPass = int(size(FragO{})) / kPasses;
+  static_assert(kPasses * kElemsPerPass == kHalfDimV, "whole passes");
+  using Pair2 = typename Pair<Out>::type;
+  const int lane = threadIdx.x % 32;
+  CUTE_UNROLL
+  for (int pass = 0; pass < kPasses; ++pass) {
+    // Fragment element i covers columns 8 * (i / 4) + 2 * (lane % 4) + (i % 2) (the SM90
+    // accumulator layout), so pass `pass` holds elements [pass, pass + 1) * kFragPerPass.
+    CUTE_UNROLL
+    for (int i = pass * kFragPerPass; i < (pass + 1) * kFragPerPass; i += 2) {
+      const int r = get<0>(cO(i)) - slab_row0;  // 0 .. kEpiRowsPerWarp - 1
+      const int byte = (get<1>(cO(i)) - pass * kElemsPerPass) * int(sizeof(Out));
+      const int chunk = (byte / kEpiChunkBytes) ^ (r % 8);
+      const float s = inv_l[row_slot(get<0>(cO(i)))];
+      *reinterpret_cast<Pair2*>(stage_buf + r * kEpiRowBytes + chunk * kEpiChunkBytes + byte % kEpiChunkBytes) =
+          Pair<Out>::make(o(i) * s, o(i + 1) * s);
+    }
+    __syncwarp();
+    // Groups of rows: the group's shared-memory reads are in flight together.
+    constexpr int kRowGroup = 4;
+    CUTE_UNROLL
+    for (int r0 = 0; r0 < kEpiRowsPerWarp; r0 += kRowGroup) {
+      uint4 v[kRowGroup];
+      uintptr_t dst[kRowGroup];
+      CUTE_UNROLL
+      for (int u = 0; u < kRowGroup; ++u) {
+        const int r = r0 + u;
+        dst[u] = __shfl_sync(0xffffffff, reinterpret_cast<uintptr_t>(row_dst), r);
+        v[u] = *reinterpret_cast<const uint4*>(stage_buf + r * kEpiRowBytes + ((lane ^ (r % 8)) * kEpiChunkBytes));
+      }
+      CUTE_UNROLL
+      for (int u = 0; u < kRowGroup; ++u) {
+        if (valid_rows >> (r0 + u) & 1)
+          store_global_16(dst[u] + pass * kEpiRowBytes + lane * kEpiChunkBytes, v[u]);
+      }
+    }
+    // The next pass overwrites the slice: every lane's reads of this one come first.
+    __syncwarp();
+  }
 }
 
 // All threads. `o` holds this warpgroup's [kBlockM, kHalfDimV] unnormalised output; `rows` are
@@ -83,50 +147,41 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
     lse2[r] = no_keys ? -INFINITY : st.m[r] + log2f(l);
   }
 
-  // Where each of the thread's two rows goes, computed once: per element this leaves an add
-  // and a store. Per-element row arithmetic (an int64 product, or a division by heads_per_kv)
-  // unrolled over the 64 stores made this the largest code of the kernel, fetched cold once per
-  // piece.
+  // Lane l < kEpiRowsPerWarp holds where row l of this warp's slab goes (bytes, at this
+  // warpgroup's first column), computed once per piece: per-row index arithmetic (an int64
+  // product, or a division by heads_per_kv) kept out of the unrolled stores keeps this code
+  // small; it is fetched cold once per piece.
+  const int warp_in_wg = (threadIdx.x % kWarpgroupThreads) / 32;
+  const int slab_row0 = warp_in_wg * kEpiRowsPerWarp;  // first tile row of this warp
   const int col0 = wg * kHalfDimV;
-  bool valid[kRowsPerThread];
-  int64_t acc[kRowsPerThread];
-  OutRow dst[kRowsPerThread];
-  float* acc_ptr[kRowsPerThread];
-  T* out_ptr[kRowsPerThread];
-  for (int r = 0; r < kRowsPerThread; ++r) {
-    const int row = tg.row_block * kBlockM + rows[r];
-    valid[r] = row < p.rows;
-    const int safe_row = valid[r] ? row : 0;
-    acc[r] = accum_row(p, tg, safe_row);
-    dst[r] = out_row(p, tg, safe_row);
-    acc_ptr[r] = p.out_accum + acc[r] * kHeadDimV + col0;
-    out_ptr[r] = static_cast<T*>(p.out) + dst[r].out * kHeadDimV + col0;
+  char* row_dst = nullptr;
+  bool lane_row_valid = false;
+  if (lane < kEpiRowsPerWarp) {
+    const int row = tg.row_block * kBlockM + slab_row0 + lane;
+    lane_row_valid = row < p.rows;
+    const int safe_row = lane_row_valid ? row : 0;
+    row_dst = tg.split ? reinterpret_cast<char*>(p.out_accum + accum_row(p, tg, safe_row) * kHeadDimV + col0)
+                       : reinterpret_cast<char*>(static_cast<T*>(p.out) + out_row(p, tg, safe_row).out * kHeadDimV + col0);
   }
-  // Consecutive fragment elements (i, i + 1) are adjacent columns of one row.
+  const uint32_t valid_rows = __ballot_sync(0xffffffff, lane_row_valid);
+  // The Q tile is free: warpgroup 0's last QK^T completed before the row-sum barrier, and
+  // warpgroup 1 never reads Q. The next piece's Q load comes after the piece barrier.
+  char* stage_buf = reinterpret_cast<char*>(smem.q) + (threadIdx.x / 32) * kEpiWarpBytes;
   if (tg.split) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(o); i += 2) {
-      const int r = row_slot(get<0>(cO(i)));
-      if (!valid[r]) continue;
-      *reinterpret_cast<float2*>(acc_ptr[r] + get<1>(cO(i))) = make_float2(o(i) * inv_l[r], o(i + 1) * inv_l[r]);
-    }
+    store_rows_staged<float>(o, cO, inv_l, slab_row0, col0, stage_buf, row_dst, valid_rows);
   } else {
-    CUTE_UNROLL
-    for (int i = 0; i < size(o); i += 2) {
-      const int r = row_slot(get<0>(cO(i)));
-      if (!valid[r]) continue;
-      *reinterpret_cast<typename Pair<T>::type*>(out_ptr[r] + get<1>(cO(i))) =
-          Pair<T>::make(o(i) * inv_l[r], o(i + 1) * inv_l[r]);
-    }
+    store_rows_staged<T>(o, cO, inv_l, slab_row0, col0, stage_buf, row_dst, valid_rows);
   }
+
   if (wg == 0 && lane % 4 == 0) {
     for (int r = 0; r < kRowsPerThread; ++r) {
-      if (!valid[r]) continue;
+      const int row = tg.row_block * kBlockM + rows[r];
+      if (row >= p.rows) continue;
       if (tg.split) {
-        p.lse_accum[acc[r]] = lse2[r];
+        p.lse_accum[accum_row(p, tg, row)] = lse2[r];
       } else {
         // A row with no visible key has lse = log(0) of the empty sum, reported as +inf.
-        p.lse[dst[r].lse] = lse2[r] == -INFINITY ? INFINITY : lse2[r] * kLn2;
+        p.lse[out_row(p, tg, row).lse] = lse2[r] == -INFINITY ? INFINITY : lse2[r] * kLn2;
       }
     }
   }
