@@ -48,8 +48,13 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
 
   // The combine starts while the attention kernel drains and waits on griddepcontrol.wait.
+  // The pieces are known on the device only; (batch + parts) / batch is their mean per request
+  // (each partition boundary adds at most one). Past one load group per warp, the wide combine
+  // puts kCombineWarps CTAs on each row.
+  const bool wide = int64_t(p.batch) + p.num_parts > int64_t(kCombinePieceUnroll) * p.batch;
+  const int ctas_per_row = wide ? kCombineWarps : 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.batch, p.h_kv, std::min(p.rows, kMaxGridYZ));
+  config.gridDim = dim3(p.batch, p.h_kv, int(std::min<int64_t>(int64_t(p.rows) * ctas_per_row, kMaxGridYZ)));
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
@@ -58,7 +63,7 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode::mla_combine_kernel<T>, p);
+  return cudaLaunchKernelEx(&config, decode::mla_combine_kernel<T>, p, wide);
 }
 
 }  // namespace
