@@ -94,5 +94,9 @@ static_assert(kCombineChannelsPerWarp == 32 * 4, "one float4 per lane");
 // Pieces whose partial outputs a lane loads before consuming any: the loads of a group are
 // independent, so a row costs ceil(pieces / kCombinePieceUnroll) memory latencies, not `pieces`.
 inline constexpr int kCombinePieceUnroll = 8;
+// Combine CTAs per SM that the register budget must allow (ptxas's resource report: 80 registers,
+// no spills). Without it ptxas settles on 64 registers and spills; more registers than ~85 cost
+// the many-row combines of two-piece requests a resident CTA.
+inline constexpr int kCombineMinCtasPerSm = 6;
 
 }  // namespace jax_flashmla

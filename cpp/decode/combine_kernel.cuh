@@ -30,7 +30,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // long request over every SM) has few rows, and one warp walking all of a row's pieces keeps
 // too few loads in flight.
 template <typename T>
-__global__ void __launch_bounds__(kCombineThreads)
+__global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     mla_combine_kernel(__grid_constant__ const DecodeParams p, bool wide) {
   // Launched as a programmatic dependent of the attention kernel: wait until its writes (the
   // accumulators) are complete and visible. Nothing before this line may read them.
