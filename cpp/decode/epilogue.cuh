@@ -74,7 +74,7 @@ __device__ __forceinline__ void store_global_16(uintptr_t addr, const uint4& v) 
 // whole warp. `row_dst` (lanes < kEpiRowsPerWarp) is where each row's first column goes.
 template <typename Out, typename FragO, typename CoordO>
 __device__ __forceinline__ void store_rows_staged(const FragO& o, const CoordO& cO, const float (&inv_l)[kRowsPerThread],
-                                                  int slab_row0, int col0, char* stage_buf, char* row_dst,
+                                                  int slab_row0, char* stage_buf, char* row_dst,
                                                   uint32_t valid_rows) {
   constexpr int kElemsPerPass = kEpiRowBytes / int(sizeof(Out));
   constexpr int kPasses = kHalfDimV / kElemsPerPass;
@@ -166,11 +166,12 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
   const uint32_t valid_rows = __ballot_sync(0xffffffff, lane_row_valid);
   // The Q tile is free: warpgroup 0's last QK^T completed before the row-sum barrier, and
   // warpgroup 1 never reads Q. The next piece's Q load comes after the piece barrier.
+  static_assert(kConsumerWarps * kEpiWarpBytes <= int(sizeof(smem.q)), "every warp's staging slice fits in Q");
   char* stage_buf = reinterpret_cast<char*>(smem.q) + (threadIdx.x / 32) * kEpiWarpBytes;
   if (tg.split) {
-    store_rows_staged<float>(o, cO, inv_l, slab_row0, col0, stage_buf, row_dst, valid_rows);
+    store_rows_staged<float>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
   } else {
-    store_rows_staged<T>(o, cO, inv_l, slab_row0, col0, stage_buf, row_dst, valid_rows);
+    store_rows_staged<T>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
   }
 
   if (wg == 0 && lane % 4 == 0) {
