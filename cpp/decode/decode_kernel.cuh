@@ -119,7 +119,7 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   // stmatrix: per-element stores need 32 live swizzled addresses.
   auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
   auto p_copy_thr = p_copy.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
+  Tensor sP = p_tile(smem, stage);
   cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
   // Warpgroup 1 has read the stage's previous factors: every one of its threads arrived on
   // alpha_free after reading. That already follows from the stage's refill (this block landed

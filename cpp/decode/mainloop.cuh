@@ -71,6 +71,14 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
   }
 }
 
+// P [kBlockM, kBlockN] of the block in `stage`, over the stage's RoPE tile: warpgroup 0 writes
+// it once its QK^T (the tile's only reader) is done, both PVs read it.
+template <typename T>
+__device__ __forceinline__ auto p_tile(SharedStorage<T>& smem, int stage) {
+  using Traits = KernelTraits<T>;
+  return make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
+}
+
 // S [kBlockM, kBlockN] = Q K^T for the block in `stage` (warpgroup 0). Waits for the whole
 // block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519, "warpgroup.arrive
 // injected"), which drains the tensor pipe once per column tile. The TMA copies of the block run
@@ -106,8 +114,7 @@ __device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) 
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaO mma;
   auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
-  Tensor sP = make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems),
-                         typename Traits::SmemLayoutP{});
+  Tensor sP = p_tile(smem, stage);
   Tensor sVt = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutVt{});
   Tensor sVtHalf = local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(wg, _0{}));
   Tensor tOrP = thr.partition_fragment_A(sP);
