@@ -32,15 +32,16 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     mla_combine_kernel(__grid_constant__ const DecodeParams p, bool wide) {
-  // Launched as a programmatic dependent of the attention kernel: wait until its writes (the
-  // accumulators) are complete and visible. Nothing before this line may read them.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-
+  // num_splits comes from the metadata kernel, complete before the attention kernel started:
+  // the CTAs of unsplit requests leave without waiting, on SMs the attention kernel has freed.
   const int req = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int first = p.num_splits[req];
   const int pieces = p.num_splits[req + 1] - first;
   if (pieces <= 1) return;
+  // Launched as a programmatic dependent of the attention kernel: wait until its writes (the
+  // accumulators) are complete and visible. Nothing before this line may read them.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int ctas_per_row = wide ? kCombineWarps : 1;

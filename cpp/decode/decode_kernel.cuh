@@ -220,6 +220,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
 
+  // Let the combine grid launch once every CTA of this grid is running (not when the last one
+  // exits): its CTAs cannot share an SM with one of these (registers and shared memory are
+  // full), so they fill SMs as attention CTAs finish. Those of unsplit requests exit at once;
+  // the others wait in griddepcontrol.wait for this whole grid and its writes.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int row_block = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int part = blockIdx.z;
