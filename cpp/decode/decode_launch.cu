@@ -47,7 +47,8 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  // The combine starts while the attention kernel drains and waits on griddepcontrol.wait.
+  // The combine launches once every attention CTA runs (that kernel triggers at its start); its
+  // CTAs of split requests then wait on griddepcontrol.wait.
   // The pieces are known on the device only; (batch + parts) / batch is their mean per request
   // (each partition boundary adds at most one). Past one load group per warp, the wide combine
   // puts kCombineWarps CTAs on each row.
