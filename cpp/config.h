@@ -64,6 +64,11 @@ inline constexpr int kHalfDimV = kHeadDimV / kNumWarpgroups;
 // K blocks in flight per CTA: with a 72 KiB Q tile, two 72 KiB K stages are what fits in the
 // 227 KiB of shared memory.
 inline constexpr int kKStages = 2;
+// Column tiles of a K block in its first landing group (its own k_full barrier): QK^T starts on
+// them while the rest may still be in flight, instead of waiting for the whole block. Measured
+// (benchmarks/NOTES.md, attempt 36): P4 -1%, P8 -2.5%, P10 -1.5%; 5 and 6 are level.
+inline constexpr int kQkFirstTiles = 5;
+static_assert(kQkFirstTiles > 0 && kQkFirstTiles < kNumKTiles, "two non-empty landing groups");
 
 // Epilogue staging. A 64-row accumulator gives each warp 16 rows; a thread holds 2 adjacent
 // columns of a row, so direct stores write 8-32 bytes per row per warp instruction (8 L2

@@ -4,7 +4,7 @@
 // Warp specialised. One thread of the producer warpgroup issues the TMA copies of every K block
 // into one of kKStages stages, once the consumers have released it (k_empty). Per 64-token
 // block:
-//   warpgroup 0: 1. S = Q K^T (wgmma, N = 64), once the block has landed (k_full)
+//   warpgroup 0: 1. S = Q K^T (wgmma, N = 64), as the block's two tile groups land (k_full)
 //                2. mask by replacement, row max, reference max, P = exp2(S * scale - m)
 //                3. P -> the block's RoPE tile, rescale factors -> shared memory, zero V rows
 //                   past the length in the last block                     | p_full[stage]
@@ -102,7 +102,7 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
 #ifdef JAX_FLASHMLA_PHASE_CLOCKS
   // gemm_qk waits again on the same phase, which then returns at once.
-  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], phase);
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
   clk.mark(kPhKWait);
 #endif
   gemm_qk(smem, stage, phase, tSrS);
@@ -235,7 +235,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   if (threadIdx.x == kProducerThread) {
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
     for (int s = 0; s < kKStages; ++s) {
-      cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s], 1);
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s][0], 1);
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.k_full[s][1], 1);
       cutlass::arch::ClusterBarrier::init(&smem.k_empty[s], kConsumerWarps);
       cutlass::arch::ClusterBarrier::init(&smem.p_full[s], kWarpgroupThreads);
       cutlass::arch::ClusterBarrier::init(&smem.alpha_free[s], kWarpgroupThreads);

@@ -63,8 +63,9 @@ struct SharedStorage {
   // Row sums for the epilogue: [kBlockM], written by warpgroup 0 (the one that computes P), read
   // by both.
   float row_sum[kBlockM];
-  // One transaction barrier per K stage: it completes when all kNumKTiles boxes have landed.
-  alignas(8) uint64_t k_full[kKStages];
+  // Two transaction barriers per K stage, [stage][group]: group 0 completes when column tiles
+  // [0, kQkFirstTiles) have landed, group 1 when the rest have (QK^T starts on group 0).
+  alignas(8) uint64_t k_full[kKStages][2];
   // One barrier per K stage that the kConsumerWarps arrive on once their PV on it is done: the
   // producer refills the stage after it completes.
   alignas(8) uint64_t k_empty[kKStages];

@@ -47,7 +47,8 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarQ);
 }
 
-// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`. One thread (of the
+// Issues the kNumKTiles TMA copies of one K block (one page) into `stage`, the first
+// kQkFirstTiles counted by k_full[stage][0], the rest by k_full[stage][1]. One thread (of the
 // producer warpgroup: the TMA unit takes ~80-90 cycles to accept each 64x64 box and the issuing
 // warp stalls meanwhile, ~800 cycles a block that a consumer warp would add to every block;
 // benchmarks/probes/phase_probe.cu).
@@ -58,16 +59,21 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
   Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
   Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
   auto cta_tma = tma_k.get_slice(_0{});
-  uint64_t& bar = smem.k_full[stage];
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, Traits::kBlockBytes);
   CUTE_UNROLL
-  for (int t = 0; t < kNumKTiles; ++t) {
-    Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
-    Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
-                               typename Traits::SmemLayoutKTile{});
-    // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
-    copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
-         cta_tma.partition_D(sTile));
+  for (int group = 0; group < 2; ++group) {
+    uint64_t& bar = smem.k_full[stage][group];
+    const int first = group == 0 ? 0 : kQkFirstTiles;
+    const int last = group == 0 ? kQkFirstTiles : kNumKTiles;
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&bar, (last - first) * Traits::kTileBytes);
+    CUTE_UNROLL
+    for (int t = first; t < last; ++t) {
+      Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
+      Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
+                                 typename Traits::SmemLayoutKTile{});
+      // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
+      copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
+           cta_tma.partition_D(sTile));
+    }
   }
 }
 
@@ -79,10 +85,10 @@ __device__ __forceinline__ auto p_tile(SharedStorage<T>& smem, int stage) {
   return make_tensor(make_smem_ptr(smem.k[stage] + kRopeTile * Traits::kTileElems), typename Traits::SmemLayoutP{});
 }
 
-// S [kBlockM, kBlockN] = Q K^T for the block in `stage` (warpgroup 0). Waits for the whole
-// block first: a barrier wait between wgmmas makes ptxas fence the chain (C7519, "warpgroup.arrive
-// injected"), which drains the tensor pipe once per column tile. The TMA copies of the block run
-// ahead of the compute anyway (the next block is issued before this one is consumed).
+// S [kBlockM, kBlockN] = Q K^T for the block in `stage` (warpgroup 0), in two wgmma batches, one
+// per landing group: the first starts once its kQkFirstTiles column tiles have landed, the
+// second after a wait on the rest. Two batches, each opened by its own wgmma.fence: a barrier wait
+// inside one batch makes ptxas fence the chain itself (C7519, "warpgroup.arrive injected").
 template <typename T, typename FragS>
 __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSrS) {
   using Traits = KernelTraits<T>;
@@ -93,15 +99,22 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSr
   Tensor tSrQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, kHeadDim / 16)
   Tensor tSrK = thr.partition_fragment_B(sK);  // (MMA, MMA_N, kHeadDim / 16)
 
-  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage], phase);
+  constexpr int kStepsPerTile = kHeadDimTile / 16;  // wgmma K = 16
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
   warpgroup_fence_operand(tSrS);
   warpgroup_arrive();
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+  for (int kb = 0; kb < kQkFirstTiles * kStepsPerTile; ++kb) {
     cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
+  warpgroup_commit_batch();
+  cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][1], phase);
+  warpgroup_arrive();
+  CUTE_UNROLL
+  for (int kb = kQkFirstTiles * kStepsPerTile; kb < size<2>(tSrQ); ++kb)
+    cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
   warpgroup_commit_batch();
   warpgroup_wait<0>();
   warpgroup_fence_operand(tSrS);
