@@ -80,6 +80,8 @@ void run_cell(const Cell& c, int num_sm) {
   for (int i = 0; i < 3; ++i) run_mla_decode(p, nullptr);
   unsigned long long zero[kNumPhases + 1][kNumWarpgroups] = {};
   cudaMemcpyToSymbol(decode::g_phase_cycles, zero, sizeof(zero));
+  unsigned long long zero_rf[decode::kNumRefillPhases + 1] = {};
+  cudaMemcpyToSymbol(decode::g_refill_cycles, zero_rf, sizeof(zero_rf));
   const int reps = 5;
   cudaEventRecord(e0);
   for (int i = 0; i < reps; ++i) run_mla_decode(p, nullptr);
@@ -103,6 +105,13 @@ void run_cell(const Cell& c, int num_sm) {
   }
   std::printf("  %-12s  wg0 %7.0f cyc/block  wg1 %7.0f  (blocks per CTA-warpgroup total %llu)\n", "sum", total[0],
               total[1], got[kNumPhases][0] / reps);
+  unsigned long long rf[decode::kNumRefillPhases + 1];
+  cudaMemcpyFromSymbol(rf, decode::g_refill_cycles, sizeof(rf));
+  const double refills = rf[decode::kNumRefillPhases] > 0 ? double(rf[decode::kNumRefillPhases]) : 1.0;
+  std::printf("  refill (cyc per refill): release->wake %.0f, issue %.0f, issue->group 0 landed %.0f, "
+              "group 0->group 1 %.0f\n",
+              rf[decode::kRfReleaseToWake] / refills, rf[decode::kRfIssue] / refills,
+              rf[decode::kRfIssueToGroup0] / refills, rf[decode::kRfGroup0ToGroup1] / refills);
   for (void* ptr : {d_cache, d_q, d_out, (void*)d_lse, (void*)d_oacc, (void*)d_lacc, (void*)d_lens, (void*)d_table,
                     (void*)d_meta, (void*)d_splits})
     cudaFree(ptr);
