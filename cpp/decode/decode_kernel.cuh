@@ -206,7 +206,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
       // This warp's wgmmas on the stage are complete (gemm_pv waited): release it.
       __syncwarp();
       if (lane == 0) {
-        refill_stamp_release(stage);
+        RefillClock::release(stage);
         cutlass::arch::ClusterBarrier::arrive(&smem.k_empty[stage]);
       }
       clk.mark(kPhPV);
@@ -255,9 +255,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
     // release; waiting on the parity before the current one passes at once on a fresh barrier,
     // so the first kKStages blocks go out without waiting.
     int issued = 0;
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-    int watched = 0;  // the watcher's count of the same blocks
-#endif
+    RefillClock rclk;
     for (int req = pt.first_req; req <= pt.last_req; ++req) {
       const Piece pc = make_piece(p, pt, req);
       const int* pages = p.block_table + int64_t(req) * p.max_blocks;
@@ -268,38 +266,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
           const int stage = issued % kKStages;
           const int page = pages[n];  // read before the wait, which hides its latency
           cutlass::arch::ClusterBarrier::wait(&smem.k_empty[stage], ((issued / kKStages) & 1) ^ 1);
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-          const long long wake = clock64();
-          *static_cast<volatile long long*>(&refill_stamps().issue[stage]) = wake;
-          if (issued >= kKStages) {
-            refill_add(kRfReleaseToWake, wake - *static_cast<volatile long long*>(&refill_stamps().release[stage]));
-            atomicAdd(&g_refill_cycles[kNumRefillPhases], 1ull);
-          }
-#endif
+          rclk.woke(stage, issued);
           issue_k_block(tma_k, p, smem, stage, page, kv_head);
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-          if (issued >= kKStages) refill_add(kRfIssue, clock64() - wake);
-#endif
+          rclk.issue_done(issued);
         }
       }
-#ifdef JAX_FLASHMLA_PHASE_CLOCKS
-      // The watcher: lane 0 of the producer's second warp follows the same blocks and times
-      // each one's landing groups against the producer's wake-up.
-      if (!skip && threadIdx.x == kProducerThread + 32) {
-        for (int n = pc.begin; n < pc.n_end; ++n, ++watched) {
-          const int stage = watched % kKStages;
-          const int phase = (watched / kKStages) & 1;
-          cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
-          const long long t0 = clock64();
-          cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][1], phase);
-          const long long t1 = clock64();
-          if (watched >= kKStages) {
-            refill_add(kRfIssueToGroup0, t0 - *static_cast<volatile long long*>(&refill_stamps().issue[stage]));
-            refill_add(kRfGroup0ToGroup1, t1 - t0);
-          }
-        }
-      }
-#endif
+      // Probe builds only (a no-op otherwise): the second warp's lane 0 times the landings.
+      if (!skip && threadIdx.x == kProducerThread + 32) rclk.watch(smem.k_full, pc.n_end - pc.begin);
       __syncwarp();
     }
     return;

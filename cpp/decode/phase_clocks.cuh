@@ -3,6 +3,10 @@
 // unless JAX_FLASHMLA_PHASE_CLOCKS is defined; the extension never defines it.
 #pragma once
 
+#include <cstdint>
+
+#include <cutlass/arch/barrier.h>
+
 #include "config.h"
 
 namespace jax_flashmla::decode {
@@ -48,27 +52,67 @@ struct PhaseClock {
 enum RefillPhase : int { kRfReleaseToWake = 0, kRfIssue, kRfIssueToGroup0, kRfGroup0ToGroup1, kNumRefillPhases };
 __device__ unsigned long long g_refill_cycles[kNumRefillPhases + 1];
 
-struct RefillStamps {
-  long long release[kKStages];  // clock64 of the latest release arrival per stage
-  long long issue[kKStages];    // clock64 of the producer's wake-up, i.e. the start of the issue
+// The producer warpgroup's side of the refill counters: the producer thread stamps its wake-up
+// and the end of its issue, and a watcher thread follows the same blocks' landing groups.
+struct RefillClock {
+  struct Stamps {
+    long long release[kKStages];  // clock64 of the latest release arrival per stage
+    long long issue[kKStages];    // clock64 of the producer's wake-up, i.e. the start of the issue
+  };
+  long long wake = 0;
+  int watched = 0;  // the watcher's count of the blocks it has seen land
+
+  static __device__ __forceinline__ volatile Stamps& stamps() {
+    __shared__ Stamps s;
+    return s;
+  }
+  static __device__ __forceinline__ void add(RefillPhase ph, long long cycles) {
+    atomicAdd(&g_refill_cycles[ph], static_cast<unsigned long long>(cycles));
+  }
+  // A consumer warp releases `stage` (the last one to do so wins the stamp).
+  static __device__ __forceinline__ void release(int stage) { stamps().release[stage] = clock64(); }
+  // The producer's wait on k_empty for its `issued`-th block returned; the first kKStages blocks
+  // are not refills.
+  __device__ __forceinline__ void woke(int stage, int issued) {
+    wake = clock64();
+    stamps().issue[stage] = wake;
+    if (issued >= kKStages) {
+      add(kRfReleaseToWake, wake - stamps().release[stage]);
+      atomicAdd(&g_refill_cycles[kNumRefillPhases], 1ull);
+    }
+  }
+  __device__ __forceinline__ void issue_done(int issued) {
+    if (issued >= kKStages) add(kRfIssue, clock64() - wake);
+  }
+  // The watcher: waits for each of the next `blocks` blocks' two landing groups (k_full
+  // [kKStages][2], in the producer's order) and times them against the producer's wake-up.
+  __device__ __forceinline__ void watch(uint64_t (*k_full)[2], int blocks) {
+    for (int b = 0; b < blocks; ++b, ++watched) {
+      const int stage = watched % kKStages;
+      const int phase = (watched / kKStages) & 1;
+      cutlass::arch::ClusterTransactionBarrier::wait(&k_full[stage][0], phase);
+      const long long t0 = clock64();
+      cutlass::arch::ClusterTransactionBarrier::wait(&k_full[stage][1], phase);
+      const long long t1 = clock64();
+      if (watched >= kKStages) {
+        add(kRfIssueToGroup0, t0 - stamps().issue[stage]);
+        add(kRfGroup0ToGroup1, t1 - t0);
+      }
+    }
+  }
 };
-__device__ __forceinline__ RefillStamps& refill_stamps() {
-  __shared__ RefillStamps stamps;
-  return stamps;
-}
-__device__ __forceinline__ void refill_add(RefillPhase ph, long long cycles) {
-  atomicAdd(&g_refill_cycles[ph], static_cast<unsigned long long>(cycles));
-}
-__device__ __forceinline__ void refill_stamp_release(int stage) {
-  *static_cast<volatile long long*>(&refill_stamps().release[stage]) = clock64();
-}
 #else
 struct PhaseClock {
   __device__ void start() {}
   __device__ void mark(Phase) {}
   __device__ void count_block() {}
 };
-__device__ __forceinline__ void refill_stamp_release(int) {}
+struct RefillClock {
+  static __device__ void release(int) {}
+  __device__ void woke(int, int) {}
+  __device__ void issue_done(int) {}
+  __device__ void watch(uint64_t (*)[2], int) {}
+};
 #endif
 
 }  // namespace jax_flashmla::decode
