@@ -99,7 +99,10 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSr
   Tensor tSrQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, kHeadDim / 16)
   Tensor tSrK = thr.partition_fragment_B(sK);  // (MMA, MMA_N, kHeadDim / 16)
 
-  constexpr int kStepsPerTile = kHeadDimTile / 16;  // wgmma K = 16
+  // wgmma k-steps per column tile, from the fragment's K extent rather than restating wgmma's K.
+  constexpr int kSteps = decltype(size<2>(tSrQ))::value;
+  constexpr int kStepsPerTile = kSteps / kNumKTiles;
+  static_assert(kStepsPerTile * kNumKTiles == kSteps, "whole column tiles per landing group");
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
   warpgroup_fence_operand(tSrS);
   warpgroup_arrive();
@@ -113,7 +116,7 @@ __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSr
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][1], phase);
   warpgroup_arrive();
   CUTE_UNROLL
-  for (int kb = kQkFirstTiles * kStepsPerTile; kb < size<2>(tSrQ); ++kb)
+  for (int kb = kQkFirstTiles * kStepsPerTile; kb < kSteps; ++kb)
     cute::gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
   warpgroup_commit_batch();
   warpgroup_wait<0>();
