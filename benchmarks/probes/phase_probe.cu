@@ -9,6 +9,7 @@
 #define JAX_FLASHMLA_PHASE_CLOCKS 1
 #include "decode/decode_launch.cu"
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -80,6 +81,8 @@ void run_cell(const Cell& c, int num_sm) {
   for (int i = 0; i < 3; ++i) run_mla_decode(p, nullptr);
   unsigned long long zero[kNumPhases + 1][kNumWarpgroups] = {};
   cudaMemcpyToSymbol(decode::g_phase_cycles, zero, sizeof(zero));
+  static unsigned long long zero_hist[decode::kNumWaitHists][decode::kNumWaitBuckets][2] = {};
+  cudaMemcpyToSymbol(decode::g_wait_hist, zero_hist, sizeof(zero_hist));
   unsigned long long zero_rf[decode::kNumRefillPhases + 1] = {};
   cudaMemcpyToSymbol(decode::g_refill_cycles, zero_rf, sizeof(zero_rf));
   const int reps = 5;
@@ -112,6 +115,30 @@ void run_cell(const Cell& c, int num_sm) {
               "group 0->group 1 %.0f\n",
               rf[decode::kRfReleaseToWake] / refills, rf[decode::kRfIssue] / refills,
               rf[decode::kRfIssueToGroup0] / refills, rf[decode::kRfGroup0ToGroup1] / refills);
+  static unsigned long long hist[decode::kNumWaitHists][decode::kNumWaitBuckets][2];
+  cudaMemcpyFromSymbol(hist, decode::g_wait_hist, sizeof(hist));
+  const char* hist_names[] = {"K wait, first block of a piece", "K wait, later blocks", "release->group 0 landed"};
+  for (int h = 0; h < decode::kNumWaitHists; ++h) {
+    std::printf("  %-32s", hist_names[h]);
+    for (int b = 0; b < decode::kNumWaitBuckets; ++b)
+      std::printf("  <%-5d n=%-7llu cyc=%-6.1fM", b == decode::kNumWaitBuckets - 1 ? 99999 : 64 << (2 * b),
+                  hist[h][b][0] / reps, hist[h][b][1] / reps / 1e6);
+    std::printf("\n");
+  }
+  // The last rep's per-CTA totals: the spread of K wait and of the CTA time across SMs.
+  const int ctas = std::min(row_blocks * parts, decode::kMaxProbeCtas);
+  std::vector<unsigned long long> kw(ctas), cy(ctas);
+  cudaMemcpyFromSymbol(kw.data(), decode::g_cta_kwait, ctas * 8);
+  cudaMemcpyFromSymbol(cy.data(), decode::g_cta_cycles, ctas * 8);
+  auto stats = [&](const char* what, std::vector<unsigned long long> v) {
+    std::sort(v.begin(), v.end());
+    double mean = 0;
+    for (auto x : v) mean += double(x) / v.size();
+    std::printf("  per CTA %-10s min %9llu  p10 %9llu  median %9llu  p90 %9llu  max %9llu  mean %9.0f\n", what, v[0],
+                v[v.size() / 10], v[v.size() / 2], v[v.size() * 9 / 10], v.back(), mean);
+  };
+  stats("K wait", kw);
+  stats("cycles", cy);
   for (void* ptr : {d_cache, d_q, d_out, (void*)d_lse, (void*)d_oacc, (void*)d_lacc, (void*)d_lens, (void*)d_table,
                     (void*)d_meta, (void*)d_splits})
     cudaFree(ptr);

@@ -103,7 +103,7 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
 #ifdef JAX_FLASHMLA_PHASE_CLOCKS
   // gemm_qk waits again on the same phase, which then returns at once.
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
-  clk.mark(kPhKWait);
+  clk.mark_kwait(n == pc.begin);
 #endif
   gemm_qk(smem, stage, phase, tSrS);
   clk.mark(kPhQK);
@@ -215,6 +215,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
     write_piece(p, smem, tOrO, cO, st, rows, wg, tg, clk);
     clk.mark(kPhEpilogue);
   }
+  clk.finish();
 }
 
 template <typename T, typename TmaK>

@@ -30,9 +30,55 @@ enum Phase : int {
 // [kNumPhases][*] counts blocks.
 __device__ unsigned long long g_phase_cycles[kNumPhases + 1][kNumWarpgroups];
 
+// Distributions, to tell a systematic wait from a tail: [kNumWaitBuckets] log4 buckets of
+// cycles (<64, <256, <1024, <4096, <16384, more); per bucket, the count and the cycle sum.
+inline constexpr int kNumWaitBuckets = 6;
+enum WaitHist : int { kHistKWaitFirst = 0, kHistKWait, kHistRefill, kNumWaitHists };
+__device__ unsigned long long g_wait_hist[kNumWaitHists][kNumWaitBuckets][2];
+// Per CTA (linear block index, up to kMaxProbeCtas): warpgroup 0's K wait cycles, its cycles
+// from start to the end of the last piece, and the SM it ran on.
+inline constexpr int kMaxProbeCtas = 4096;
+__device__ unsigned long long g_cta_kwait[kMaxProbeCtas];
+__device__ unsigned long long g_cta_cycles[kMaxProbeCtas];
+__device__ unsigned int g_cta_sm[kMaxProbeCtas];
+
+__device__ __forceinline__ void add_wait(WaitHist h, long long cycles) {
+  int b = 0;
+  for (long long lim = 64; b < kNumWaitBuckets - 1 && cycles >= lim; lim *= 4) ++b;
+  atomicAdd(&g_wait_hist[h][b][0], 1ull);
+  atomicAdd(&g_wait_hist[h][b][1], static_cast<unsigned long long>(cycles));
+}
+__device__ __forceinline__ unsigned int sm_id() {
+  unsigned int id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+__device__ __forceinline__ int cta_index() {
+  return int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+}
+
 struct PhaseClock {
   long long last;
-  __device__ void start() { last = clock64(); }
+  long long first = 0;
+  unsigned long long kwait = 0;
+  __device__ void start() { first = last = clock64(); }
+  // The K wait of a block (warpgroup 0), kept apart for the first block of a piece.
+  __device__ void mark_kwait(bool first_of_piece) {
+    if (threadIdx.x == 0) {
+      const long long d = clock64() - last;
+      add_wait(first_of_piece ? kHistKWaitFirst : kHistKWait, d);
+      kwait += d;
+    }
+    mark(kPhKWait);
+  }
+  // End of the partition (every consumer thread calls it).
+  __device__ void finish() {
+    if (threadIdx.x == 0 && cta_index() < kMaxProbeCtas) {
+      g_cta_kwait[cta_index()] = kwait;
+      g_cta_cycles[cta_index()] = clock64() - first;
+      g_cta_sm[cta_index()] = sm_id();
+    }
+  }
   __device__ void mark(Phase ph) {
     if (threadIdx.x % kWarpgroupThreads == 0) {
       const long long now = clock64();
@@ -95,6 +141,7 @@ struct RefillClock {
       cutlass::arch::ClusterTransactionBarrier::wait(&k_full[stage][1], phase);
       const long long t1 = clock64();
       if (watched >= kKStages) {
+        add_wait(kHistRefill, t0 - stamps().release[stage]);
         add(kRfIssueToGroup0, t0 - stamps().issue[stage]);
         add(kRfGroup0ToGroup1, t1 - t0);
       }
@@ -105,6 +152,8 @@ struct RefillClock {
 struct PhaseClock {
   __device__ void start() {}
   __device__ void mark(Phase) {}
+  __device__ void mark_kwait(bool) {}
+  __device__ void finish() {}
   __device__ void count_block() {}
 };
 struct RefillClock {
