@@ -117,11 +117,12 @@ void run_cell(const Cell& c, int num_sm) {
               rf[decode::kRfIssueToGroup0] / refills, rf[decode::kRfGroup0ToGroup1] / refills);
   static unsigned long long hist[decode::kNumWaitHists][decode::kNumWaitBuckets][2];
   cudaMemcpyFromSymbol(hist, decode::g_wait_hist, sizeof(hist));
-  const char* hist_names[] = {"K wait, first block of a piece", "K wait, later blocks", "release->group 0 landed"};
+  const char* hist_names[] = {"K wait, first block of a piece", "K wait, later, landed before", "K wait, later, not landed",
+                              "stage release->K wait done", "release->group 0 landed"};
   for (int h = 0; h < decode::kNumWaitHists; ++h) {
-    std::printf("  %-32s", hist_names[h]);
+    std::printf("  %-30s", hist_names[h]);
     for (int b = 0; b < decode::kNumWaitBuckets; ++b)
-      std::printf("  <%-5d n=%-7llu cyc=%-6.1fM", b == decode::kNumWaitBuckets - 1 ? 99999 : 64 << (2 * b),
+      std::printf(" <%-5d n=%-6llu %5.1fM", b == decode::kNumWaitBuckets - 1 ? 99999 : 64 << (2 * b),
                   hist[h][b][0] / reps, hist[h][b][1] / reps / 1e6);
     std::printf("\n");
   }

@@ -102,8 +102,9 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
 #ifdef JAX_FLASHMLA_PHASE_CLOCKS
   // gemm_qk waits again on the same phase, which then returns at once.
+  const bool was_ready = cutlass::arch::ClusterTransactionBarrier::test_wait(&smem.k_full[stage][0], phase, 1);
   cutlass::arch::ClusterTransactionBarrier::wait(&smem.k_full[stage][0], phase);
-  clk.mark_kwait(n == pc.begin);
+  clk.mark_kwait(n == pc.begin, was_ready, stage);
 #endif
   gemm_qk(smem, stage, phase, tSrS);
   clk.mark(kPhQK);

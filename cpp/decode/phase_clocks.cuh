@@ -33,7 +33,19 @@ __device__ unsigned long long g_phase_cycles[kNumPhases + 1][kNumWarpgroups];
 // Distributions, to tell a systematic wait from a tail: [kNumWaitBuckets] log4 buckets of
 // cycles (<64, <256, <1024, <4096, <16384, more); per bucket, the count and the cycle sum.
 inline constexpr int kNumWaitBuckets = 6;
-enum WaitHist : int { kHistKWaitFirst = 0, kHistKWait, kHistRefill, kNumWaitHists };
+enum WaitHist : int {
+  kHistKWaitFirst = 0,  // K wait of a piece's first block
+  kHistKWaitReady,      // K wait of a later block whose group 0 had landed when the wait began
+  kHistKWait,           // K wait of a later block that had not landed yet
+  kHistSinceRelease,    // a later block: its stage's release to the end of its K wait
+  kHistRefill,          // release to group 0 landed, seen by the watcher
+  kNumWaitHists
+};
+// clock64 of the latest release of each stage (warpgroup 0's, the one that refills group 0).
+__device__ __forceinline__ volatile long long* release_stamps() {
+  __shared__ long long s[kKStages];
+  return s;
+}
 __device__ unsigned long long g_wait_hist[kNumWaitHists][kNumWaitBuckets][2];
 // Per CTA (linear block index, up to kMaxProbeCtas): warpgroup 0's K wait cycles, its cycles
 // from start to the end of the last piece, and the SM it ran on.
@@ -63,10 +75,12 @@ struct PhaseClock {
   unsigned long long kwait = 0;
   __device__ void start() { first = last = clock64(); }
   // The K wait of a block (warpgroup 0), kept apart for the first block of a piece.
-  __device__ void mark_kwait(bool first_of_piece) {
+  __device__ void mark_kwait(bool first_of_piece, bool was_ready, int stage) {
     if (threadIdx.x == 0) {
-      const long long d = clock64() - last;
-      add_wait(first_of_piece ? kHistKWaitFirst : kHistKWait, d);
+      const long long now = clock64();
+      const long long d = now - last;
+      add_wait(first_of_piece ? kHistKWaitFirst : was_ready ? kHistKWaitReady : kHistKWait, d);
+      if (!first_of_piece) add_wait(kHistSinceRelease, now - release_stamps()[stage]);
       kwait += d;
     }
     mark(kPhKWait);
@@ -116,7 +130,10 @@ struct RefillClock {
     atomicAdd(&g_refill_cycles[ph], static_cast<unsigned long long>(cycles));
   }
   // A consumer warp releases `stage` (the last one to do so wins the stamp).
-  static __device__ __forceinline__ void release(int stage) { stamps().release[stage] = clock64(); }
+  static __device__ __forceinline__ void release(int stage) {
+    stamps().release[stage] = clock64();
+    release_stamps()[stage] = stamps().release[stage];
+  }
   // The producer's wait on k_empty for its `issued`-th block returned; the first kKStages blocks
   // are not refills.
   __device__ __forceinline__ void woke(int stage, int issued) {
@@ -152,7 +169,7 @@ struct RefillClock {
 struct PhaseClock {
   __device__ void start() {}
   __device__ void mark(Phase) {}
-  __device__ void mark_kwait(bool) {}
+  __device__ void mark_kwait(bool, bool, int) {}
   __device__ void finish() {}
   __device__ void count_block() {}
 };
