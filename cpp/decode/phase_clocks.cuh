@@ -41,29 +41,28 @@ enum WaitHist : int {
   kHistRefill,          // release to group 0 landed, seen by the watcher
   kNumWaitHists
 };
-// clock64 of the latest release of each stage (warpgroup 0's, the one that refills group 0).
-__device__ __forceinline__ volatile long long* release_stamps() {
-  __shared__ long long s[kKStages];
+// Per stage, clock64 of the latest release arrival (the last consumer warp's wins) and of the
+// producer's wake-up for its refill; read by the K-wait and the refill counters alike.
+struct RefillStamps {
+  long long release[kKStages];
+  long long issue[kKStages];
+};
+__device__ __forceinline__ volatile RefillStamps& refill_stamps() {
+  __shared__ RefillStamps s;
   return s;
 }
 __device__ unsigned long long g_wait_hist[kNumWaitHists][kNumWaitBuckets][2];
-// Per CTA (linear block index, up to kMaxProbeCtas): warpgroup 0's K wait cycles, its cycles
-// from start to the end of the last piece, and the SM it ran on.
+// Per CTA (linear block index, up to kMaxProbeCtas): warpgroup 0's K wait cycles and its cycles
+// from start to the end of the last piece.
 inline constexpr int kMaxProbeCtas = 4096;
 __device__ unsigned long long g_cta_kwait[kMaxProbeCtas];
 __device__ unsigned long long g_cta_cycles[kMaxProbeCtas];
-__device__ unsigned int g_cta_sm[kMaxProbeCtas];
 
 __device__ __forceinline__ void add_wait(WaitHist h, long long cycles) {
   int b = 0;
   for (long long lim = 64; b < kNumWaitBuckets - 1 && cycles >= lim; lim *= 4) ++b;
   atomicAdd(&g_wait_hist[h][b][0], 1ull);
   atomicAdd(&g_wait_hist[h][b][1], static_cast<unsigned long long>(cycles));
-}
-__device__ __forceinline__ unsigned int sm_id() {
-  unsigned int id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return id;
 }
 __device__ __forceinline__ int cta_index() {
   return int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
@@ -80,7 +79,7 @@ struct PhaseClock {
       const long long now = clock64();
       const long long d = now - last;
       add_wait(first_of_piece ? kHistKWaitFirst : was_ready ? kHistKWaitReady : kHistKWait, d);
-      if (!first_of_piece) add_wait(kHistSinceRelease, now - release_stamps()[stage]);
+      if (!first_of_piece) add_wait(kHistSinceRelease, now - refill_stamps().release[stage]);
       kwait += d;
     }
     mark(kPhKWait);
@@ -90,7 +89,6 @@ struct PhaseClock {
     if (threadIdx.x == 0 && cta_index() < kMaxProbeCtas) {
       g_cta_kwait[cta_index()] = kwait;
       g_cta_cycles[cta_index()] = clock64() - first;
-      g_cta_sm[cta_index()] = sm_id();
     }
   }
   __device__ void mark(Phase ph) {
@@ -115,32 +113,21 @@ __device__ unsigned long long g_refill_cycles[kNumRefillPhases + 1];
 // The producer warpgroup's side of the refill counters: the producer thread stamps its wake-up
 // and the end of its issue, and a watcher thread follows the same blocks' landing groups.
 struct RefillClock {
-  struct Stamps {
-    long long release[kKStages];  // clock64 of the latest release arrival per stage
-    long long issue[kKStages];    // clock64 of the producer's wake-up, i.e. the start of the issue
-  };
   long long wake = 0;
   int watched = 0;  // the watcher's count of the blocks it has seen land
 
-  static __device__ __forceinline__ volatile Stamps& stamps() {
-    __shared__ Stamps s;
-    return s;
-  }
   static __device__ __forceinline__ void add(RefillPhase ph, long long cycles) {
     atomicAdd(&g_refill_cycles[ph], static_cast<unsigned long long>(cycles));
   }
   // A consumer warp releases `stage` (the last one to do so wins the stamp).
-  static __device__ __forceinline__ void release(int stage) {
-    stamps().release[stage] = clock64();
-    release_stamps()[stage] = stamps().release[stage];
-  }
+  static __device__ __forceinline__ void release(int stage) { refill_stamps().release[stage] = clock64(); }
   // The producer's wait on k_empty for its `issued`-th block returned; the first kKStages blocks
   // are not refills.
   __device__ __forceinline__ void woke(int stage, int issued) {
     wake = clock64();
-    stamps().issue[stage] = wake;
+    refill_stamps().issue[stage] = wake;
     if (issued >= kKStages) {
-      add(kRfReleaseToWake, wake - stamps().release[stage]);
+      add(kRfReleaseToWake, wake - refill_stamps().release[stage]);
       atomicAdd(&g_refill_cycles[kNumRefillPhases], 1ull);
     }
   }
@@ -158,8 +145,8 @@ struct RefillClock {
       cutlass::arch::ClusterTransactionBarrier::wait(&k_full[stage][1], phase);
       const long long t1 = clock64();
       if (watched >= kKStages) {
-        add_wait(kHistRefill, t0 - stamps().release[stage]);
-        add(kRfIssueToGroup0, t0 - stamps().issue[stage]);
+        add_wait(kHistRefill, t0 - refill_stamps().release[stage]);
+        add(kRfIssueToGroup0, t0 - refill_stamps().issue[stage]);
         add(kRfGroup0ToGroup1, t1 - t0);
       }
     }
