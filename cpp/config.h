@@ -88,20 +88,29 @@ inline constexpr float kRescaleSlackLog2 = 8.f;
 inline constexpr int kMaxGridYZ = 65535;
 
 // ---- Combine kernel ----
-// One CTA merges one packed row; warp w owns channels [w * kCombineChannelsPerWarp, +that) and
-// each lane one float4 of them. A single long request has few rows (128 for h_q = 128) and many
-// pieces: splitting the channels over warps puts 4x more warps (and SMs) on those rows than one
-// warp per row would.
+// A CTA of kCombineWarps warps. Narrow (the common case, few pieces per request): each warp
+// merges one packed row, a lane kCombineVecsPerLane float4 of its channels, so a CTA takes
+// kCombineWarps rows: most of the combine's cost was launching and retiring CTAs (one per row
+// was 16k-33k CTAs on P4-P6), not their loads. Wide (a request of many pieces, e.g. one long
+// request over every SM): kCombineWarps CTAs per row, one per channel slice of
+// kCombineChannelsPerWarp, whose warps take every kCombineWarps-th piece, so that more warps
+// (and SMs) share the few rows.
 inline constexpr int kCombineWarps = 4;
 inline constexpr int kCombineThreads = kCombineWarps * 32;
 inline constexpr int kCombineChannelsPerWarp = kHeadDimV / kCombineWarps;
-static_assert(kCombineChannelsPerWarp == 32 * 4, "one float4 per lane");
-// Pieces whose partial outputs a lane loads before consuming any: the loads of a group are
-// independent, so a row costs ceil(pieces / kCombinePieceUnroll) memory latencies, not `pieces`.
-inline constexpr int kCombinePieceUnroll = 8;
-// Combine CTAs per SM that the register budget must allow (ptxas's resource report: 80 registers,
-// no spills). Without it ptxas settles on 64 registers and spills; more registers than ~85 cost
-// the many-row combines of two-piece requests a resident CTA.
-inline constexpr int kCombineMinCtasPerSm = 6;
+static_assert(kCombineChannelsPerWarp == 32 * 4, "one float4 per lane per channel slice");
+inline constexpr int kCombineVecsPerLane = kHeadDimV / (32 * 4);  // narrow: a whole row per warp
+// float4 loads of partial outputs a lane issues before consuming any: the loads of a group are
+// independent, so a row costs ceil(loads / kCombineLoadsPerGroup) memory latencies. Narrow: the
+// row's vectors of kCombineLoadsPerGroup / kCombineVecsPerLane pieces; wide: one vector of
+// kCombineLoadsPerGroup pieces.
+inline constexpr int kCombineLoadsPerGroup = 8;
+static_assert(kCombineLoadsPerGroup % kCombineVecsPerLane == 0, "whole pieces per narrow group");
+// Pieces per request past which the launcher picks the wide combine.
+inline constexpr int kCombineWidePieces = kCombineLoadsPerGroup;
+// Combine CTAs per SM that the register budget must allow: 4 leaves ptxas up to 128 registers,
+// enough for a group's kCombineLoadsPerGroup float4 loads and the row's four float4 sums without
+// spills, and 16 warps per SM keep ~64 KiB of loads in flight.
+inline constexpr int kCombineMinCtasPerSm = 4;
 
 }  // namespace jax_flashmla

@@ -11,6 +11,7 @@
 #include "decode/decode_params.h"
 #include "decode/epilogue.cuh"
 #include "decode/mainloop.cuh"
+#include "scheduler/mla_metadata.h"
 
 namespace jax_flashmla::decode {
 
@@ -23,18 +24,35 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Grid (batch, h_kv, min(rows * ctas_per_row, 65535)). Narrow (`wide` false): one CTA
-// per packed row, warp w owns channels [w, w + 1) * kCombineChannelsPerWarp and walks every
-// piece. Wide: kCombineWarps CTAs per row, one per channel slice, whose warps take every
-// kCombineWarps-th piece and add their sums in shared memory: a request of many pieces (one
-// long request over every SM) has few rows, and one warp walking all of a row's pieces keeps
-// too few loads in flight.
+// Which request blockIdx.x merges. By request: x is the request. By partition (the launcher's
+// choice when there are fewer partitions than requests): x is a partition, and it merges the
+// split request whose first piece it holds. That request is the partition's last one (it goes on
+// into the next partition), and its piece there is its first when the partition began before it
+// or at its first block; so every split request has exactly one such partition, and the grid
+// needs num_parts - 1 columns (the last partition continues nowhere) instead of batch. Returns -1
+// when x merges nothing.
+__device__ __forceinline__ int combine_request(const DecodeParams& p, bool by_partition) {
+  if (!by_partition) return blockIdx.x;
+  const int* meta = p.metadata + int64_t(blockIdx.x) * kMetadataCols;
+  const int first_req = meta[kFirstReq];
+  const int last_req = meta[kLastReq];  // first_req - 1 in an empty partition
+  if (last_req < first_req || (last_req == first_req && meta[kFirstSplit] != 0)) return -1;
+  return last_req;
+}
+
+// Grid (requests or partitions (combine_request), h_kv, min(items, 65535)), kCombineThreads
+// threads. Narrow: an item is kCombineWarps consecutive packed rows, one per warp, each lane
+// kCombineVecsPerLane float4 of the row (channels lane * 4 + v * 128). Wide: an item is one
+// kCombineChannelsPerWarp slice of one row; warp w takes pieces w, w + kCombineWarps, ... and
+// the warps add their sums in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
-    mla_combine_kernel(__grid_constant__ const DecodeParams p, bool wide) {
-  // num_splits comes from the metadata kernel, complete before the attention kernel started:
-  // the CTAs of unsplit requests leave without waiting, on SMs the attention kernel has freed.
-  const int req = blockIdx.x;
+    mla_combine_kernel(__grid_constant__ const DecodeParams p, bool by_partition, bool wide) {
+  // The metadata and num_splits come from the metadata kernel, complete before the attention
+  // kernel started: CTAs with nothing to merge leave without waiting, on SMs the attention
+  // kernel has freed.
+  const int req = combine_request(p, by_partition);
+  if (req < 0) return;
   const int kv_head = blockIdx.y;
   const int first = p.num_splits[req];
   const int pieces = p.num_splits[req + 1] - first;
@@ -44,90 +62,107 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int ctas_per_row = wide ? kCombineWarps : 1;
-  const int piece_step = wide ? kCombineWarps : 1;  // this warp's pieces: warp_first + i * piece_step
+  constexpr int kVecStride = 32 * 4;  // channels between a lane's narrow vectors
+  // Per load group: pieces, and the pieces between two of this warp's pieces.
+  const int group_pieces = wide ? kCombineLoadsPerGroup : kCombineLoadsPerGroup / kCombineVecsPerLane;
+  const int piece_step = wide ? kCombineWarps : 1;
   const int warp_first = wide ? warp : 0;
   __shared__ float4 partial[kCombineWarps][32];  // wide: each warp's sum over its pieces
-  // Rows beyond the grid's z limit (65535) wrap around: a CTA may merge several rows.
-  for (int item = blockIdx.z; item < p.rows * ctas_per_row; item += gridDim.z) {
-  const int row = item / ctas_per_row;
-  const int channel = (wide ? item % ctas_per_row : warp) * kCombineChannelsPerWarp + lane * 4;
-  auto accum_row = [&](int k) { return (int64_t(first + k) * p.h_kv + kv_head) * p.rows + row; };
+  const int items = wide ? p.rows * kCombineWarps : (p.rows + kCombineWarps - 1) / kCombineWarps;
+  // Items beyond the grid's z limit (65535) wrap around: a CTA may take several.
+  for (int item = blockIdx.z; item < items; item += gridDim.z) {
+    const int row = wide ? item / kCombineWarps : item * kCombineWarps + warp;
+    if (row >= p.rows) continue;  // narrow only (no barrier there): the last item's spare warps
+    const int channel = (wide ? item % kCombineWarps : 0) * kCombineChannelsPerWarp + lane * 4;
+    auto accum_row = [&](int k) { return (int64_t(first + k) * p.h_kv + kv_head) * p.rows + row; };
 
-  // Every warp of the row reduces the same LSEs (a few hundred bytes): cheaper than a barrier.
-  float m = -INFINITY;
-  bool nan = false;
-  for (int k = lane; k < pieces; k += 32) {
-    const float v = p.lse_accum[accum_row(k)];
-    nan |= isnan(v);
-    m = fmaxf(m, v);
-  }
-  m = warp_max(m);
-  // fmaxf drops NaN, so a piece that hit invalid data is tracked separately and wins.
-  nan = __any_sync(0xffffffff, nan);
-
-  float4 acc;
-  float lse;
-  if (nan || m == -INFINITY) {
-    // NaN: invalid length or page id. -inf everywhere: no visible key, out 0 and lse +inf.
-    const float fill = nan ? __int_as_float(0x7fc00000) : 0.f;
-    acc = make_float4(fill, fill, fill, fill);
-    lse = nan ? fill : INFINITY;
-  } else {
-    float sum = 0.f;
-    for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[accum_row(k)] - m);
-    const float lse2 = m + log2f(warp_sum(sum));
-    acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k0 = warp_first; k0 < pieces; k0 += kCombinePieceUnroll * piece_step) {
-      float w[kCombinePieceUnroll];
-      float4 v[kCombinePieceUnroll];
-#pragma unroll
-      for (int u = 0; u < kCombinePieceUnroll; ++u) {
-        // Past the last piece: reload the last one with weight 0 (a valid address, and no
-        // branch to keep the compiler from issuing the group's loads together).
-        const int k_u = k0 + u * piece_step;
-        const int k = min(k_u, pieces - 1);
-        v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + accum_row(k) * kHeadDimV + channel));
-        w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + accum_row(k)) - lse2) : 0.f;
-      }
-      // In piece order within the warp (the wide sum then adds the warps in order): the
-      // rounding does not depend on the load grouping.
-#pragma unroll
-      for (int u = 0; u < kCombinePieceUnroll; ++u) {
-        acc.x += w[u] * v[u].x;
-        acc.y += w[u] * v[u].y;
-        acc.z += w[u] * v[u].z;
-        acc.w += w[u] * v[u].w;
-      }
+    // Every warp of a wide row reduces the same LSEs (a few hundred bytes): cheaper than a barrier.
+    float m = -INFINITY;
+    bool nan = false;
+    for (int k = lane; k < pieces; k += 32) {
+      const float v = p.lse_accum[accum_row(k)];
+      nan |= isnan(v);
+      m = fmaxf(m, v);
     }
-    lse = lse2 * kLn2;
-  }
+    m = warp_max(m);
+    // fmaxf drops NaN, so a piece that hit invalid data is tracked separately and wins.
+    nan = __any_sync(0xffffffff, nan);
 
-  bool writer = true;
-  if (wide) {
-    partial[warp][lane] = acc;
-    __syncthreads();
-    writer = warp == 0;
+    // Narrow: acc[v] is the lane's vector v. Wide: all four are the lane's one vector, acc[v]
+    // summing the pieces of load slots u with u % kCombineVecsPerLane == v; added up below.
+    float4 acc[kCombineVecsPerLane];
+    float lse;
+    if (nan || m == -INFINITY) {
+      // NaN: invalid length or page id. -inf everywhere: no visible key, out 0 and lse +inf.
+      const float fill = nan ? __int_as_float(0x7fc00000) : 0.f;
+      for (auto& a : acc) a = make_float4(fill, fill, fill, fill);
+      lse = nan ? fill : INFINITY;
+    } else {
+      float sum = 0.f;
+      for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[accum_row(k)] - m);
+      const float lse2 = m + log2f(warp_sum(sum));
+      for (auto& a : acc) a = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int k0 = warp_first; k0 < pieces; k0 += group_pieces * piece_step) {
+        float w[kCombineLoadsPerGroup];
+        float4 v[kCombineLoadsPerGroup];
+#pragma unroll
+        for (int u = 0; u < kCombineLoadsPerGroup; ++u) {
+          // Past the last piece: reload the last one with weight 0 (a valid address, and no
+          // branch to keep the compiler from issuing the group's loads together).
+          const int k_u = k0 + (wide ? u : u / kCombineVecsPerLane) * piece_step;
+          const int k = min(k_u, pieces - 1);
+          const int c = channel + (wide ? 0 : (u % kCombineVecsPerLane) * kVecStride);
+          v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + accum_row(k) * kHeadDimV + c));
+          w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + accum_row(k)) - lse2) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kCombineLoadsPerGroup; ++u) {
+          float4& a = acc[u % kCombineVecsPerLane];
+          a.x += w[u] * v[u].x;
+          a.y += w[u] * v[u].y;
+          a.z += w[u] * v[u].z;
+          a.w += w[u] * v[u].w;
+        }
+      }
+      lse = lse2 * kLn2;
+    }
+
+    bool writer = true;
+    if (wide) {
+      float4 s = acc[0];
+      for (int v = 1; v < kCombineVecsPerLane; ++v) {
+        s.x += acc[v].x;
+        s.y += acc[v].y;
+        s.z += acc[v].z;
+        s.w += acc[v].w;
+      }
+      partial[warp][lane] = s;
+      __syncthreads();
+      writer = warp == 0;
+      if (writer) {
+        for (int w = 1; w < kCombineWarps; ++w) {
+          const float4 o = partial[w][lane];
+          s.x += o.x;
+          s.y += o.y;
+          s.z += o.z;
+          s.w += o.w;
+        }
+        acc[0] = s;
+      }
+      __syncthreads();  // the next item's partial sums overwrite these
+    }
     if (writer) {
-      for (int w = 1; w < kCombineWarps; ++w) {
-        const float4 o = partial[w][lane];
-        acc.x += o.x;
-        acc.y += o.y;
-        acc.z += o.z;
-        acc.w += o.w;
+      const PackedRow pr = unpack_row(p, kv_head, row);
+      T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + channel;
+      using Pair2 = typename Pair<T>::type;
+      for (int v = 0; v < (wide ? 1 : kCombineVecsPerLane); ++v) {
+        Pair2* dst = reinterpret_cast<Pair2*>(out + v * kVecStride);
+        dst[0] = Pair<T>::make(acc[v].x, acc[v].y);
+        dst[1] = Pair<T>::make(acc[v].z, acc[v].w);
       }
+      if (lane == 0 && (!wide || (warp == 0 && item % kCombineWarps == 0)))
+        p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
     }
-    __syncthreads();  // the next row's partial sums overwrite these
-  }
-  if (writer) {
-    const PackedRow pr = unpack_row(p, kv_head, row);
-    T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + channel;
-    using Pair2 = typename Pair<T>::type;
-    Pair2* dst = reinterpret_cast<Pair2*>(out);
-    dst[0] = Pair<T>::make(acc.x, acc.y);
-    dst[1] = Pair<T>::make(acc.z, acc.w);
-    if (threadIdx.x == 0 && item % ctas_per_row == 0) p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
-  }
   }
 }
 

@@ -50,12 +50,15 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   // The combine launches once every attention CTA runs (that kernel triggers at its start); its
   // CTAs of split requests then wait on griddepcontrol.wait.
   // The pieces are known on the device only; (batch + parts) / batch is their mean per request
-  // (each partition boundary adds at most one). Past one load group per warp, the wide combine
-  // puts kCombineWarps CTAs on each row.
-  const bool wide = int64_t(p.batch) + p.num_parts > int64_t(kCombinePieceUnroll) * p.batch;
-  const int ctas_per_row = wide ? kCombineWarps : 1;
+  // (each partition boundary adds at most one). Past kCombineWidePieces, the wide combine puts
+  // kCombineWarps CTAs on each row. A boundary also splits at most one request, so with fewer
+  // partitions than requests the grid goes over partitions (mla_combine_kernel).
+  const bool wide = int64_t(p.batch) + p.num_parts > int64_t(kCombineWidePieces) * p.batch;
+  const bool by_partition = p.num_parts - 1 < p.batch;
+  const int columns = by_partition ? std::max(p.num_parts - 1, 1) : p.batch;
+  const int64_t items = wide ? int64_t(p.rows) * kCombineWarps : (int64_t(p.rows) + kCombineWarps - 1) / kCombineWarps;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.batch, p.h_kv, int(std::min<int64_t>(int64_t(p.rows) * ctas_per_row, kMaxGridYZ)));
+  config.gridDim = dim3(columns, p.h_kv, int(std::min<int64_t>(items, kMaxGridYZ)));
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
@@ -64,7 +67,7 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode::mla_combine_kernel<T>, p, wide);
+  return cudaLaunchKernelEx(&config, decode::mla_combine_kernel<T>, p, by_partition, wide);
 }
 
 }  // namespace

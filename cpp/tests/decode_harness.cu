@@ -235,6 +235,9 @@ int main(int argc, char** argv) {
       // Peaked softmax: O is rescaled when a later block's max moves the reference.
       {DecodeDtype::kBF16, 1, 64, 1, 4, false, {900, 300}, 1000.f},
       {DecodeDtype::kFP16, 2, 32, 1, 3, true, {650, 70}, 1000.f},
+      // More requests than partitions: the combine's grid goes over partitions; 2 KV heads.
+      {DecodeDtype::kBF16, 1, 32, 2, 3, false, {500, 0, 130, 64, 900, 10, 260}},
+      {DecodeDtype::kFP16, 3, 16, 1, 2, true, {200, 700, 2, 90}, 1000.f},
       // Many pieces per request ((b + parts) > 8 b): the wide combine, rows over two row tiles.
       {DecodeDtype::kBF16, 2, 48, 1, 40, true, {3000, 900}},
   };
