@@ -40,6 +40,13 @@ __device__ __forceinline__ int combine_request(const DecodeParams& p, bool by_pa
   return last_req;
 }
 
+// Work items of one (request, KV head): narrow, kCombineWarps rows each; wide, one channel slice
+// of one row each. The launcher sizes the grid's z by it, the kernel walks it. Fits an int: 2^29
+// rows of one request would be a q of over 600 GB.
+__host__ __device__ __forceinline__ int combine_items(int rows, bool wide) {
+  return wide ? rows * kCombineWarps : (rows + kCombineWarps - 1) / kCombineWarps;
+}
+
 // Grid (requests or partitions (combine_request), h_kv, min(items, 65535)), kCombineThreads
 // threads. Narrow: an item is kCombineWarps consecutive packed rows, one per warp, each lane
 // kCombineVecsPerLane float4 of the row (channels lane * 4 + v * 128). Wide: an item is one
@@ -68,7 +75,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
   const int piece_step = wide ? kCombineWarps : 1;
   const int warp_first = wide ? warp : 0;
   __shared__ float4 partial[kCombineWarps][32];  // wide: each warp's sum over its pieces
-  const int items = wide ? p.rows * kCombineWarps : (p.rows + kCombineWarps - 1) / kCombineWarps;
+  const int items = combine_items(p.rows, wide);
   // Items beyond the grid's z limit (65535) wrap around: a CTA may take several.
   for (int item = blockIdx.z; item < items; item += gridDim.z) {
     const int row = wide ? item / kCombineWarps : item * kCombineWarps + warp;
@@ -88,8 +95,8 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     // fmaxf drops NaN, so a piece that hit invalid data is tracked separately and wins.
     nan = __any_sync(0xffffffff, nan);
 
-    // Narrow: acc[v] is the lane's vector v. Wide: all four are the lane's one vector, acc[v]
-    // summing the pieces of load slots u with u % kCombineVecsPerLane == v; added up below.
+    // Narrow: acc[j] is the lane's vector j. Wide: all four are the lane's one vector, acc[j]
+    // summing the pieces of load slots u with u % kCombineVecsPerLane == j; added up below.
     float4 acc[kCombineVecsPerLane];
     float lse;
     if (nan || m == -INFINITY) {
@@ -130,11 +137,11 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     bool writer = true;
     if (wide) {
       float4 s = acc[0];
-      for (int v = 1; v < kCombineVecsPerLane; ++v) {
-        s.x += acc[v].x;
-        s.y += acc[v].y;
-        s.z += acc[v].z;
-        s.w += acc[v].w;
+      for (int j = 1; j < kCombineVecsPerLane; ++j) {
+        s.x += acc[j].x;
+        s.y += acc[j].y;
+        s.z += acc[j].z;
+        s.w += acc[j].w;
       }
       partial[warp][lane] = s;
       __syncthreads();
@@ -155,10 +162,10 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
       const PackedRow pr = unpack_row(p, kv_head, row);
       T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + channel;
       using Pair2 = typename Pair<T>::type;
-      for (int v = 0; v < (wide ? 1 : kCombineVecsPerLane); ++v) {
-        Pair2* dst = reinterpret_cast<Pair2*>(out + v * kVecStride);
-        dst[0] = Pair<T>::make(acc[v].x, acc[v].y);
-        dst[1] = Pair<T>::make(acc[v].z, acc[v].w);
+      for (int j = 0; j < (wide ? 1 : kCombineVecsPerLane); ++j) {
+        Pair2* dst = reinterpret_cast<Pair2*>(out + j * kVecStride);
+        dst[0] = Pair<T>::make(acc[j].x, acc[j].y);
+        dst[1] = Pair<T>::make(acc[j].z, acc[j].w);
       }
       if (lane == 0 && (!wide || (warp == 0 && item % kCombineWarps == 0)))
         p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;

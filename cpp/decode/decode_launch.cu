@@ -56,9 +56,8 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   const bool wide = int64_t(p.batch) + p.num_parts > int64_t(kCombineWidePieces) * p.batch;
   const bool by_partition = p.num_parts - 1 < p.batch;
   const int columns = by_partition ? std::max(p.num_parts - 1, 1) : p.batch;
-  const int64_t items = wide ? int64_t(p.rows) * kCombineWarps : (int64_t(p.rows) + kCombineWarps - 1) / kCombineWarps;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(columns, p.h_kv, int(std::min<int64_t>(items, kMaxGridYZ)));
+  config.gridDim = dim3(columns, p.h_kv, std::min(decode::combine_items(p.rows, wide), kMaxGridYZ));
   config.blockDim = dim3(kCombineThreads);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
