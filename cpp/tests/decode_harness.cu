@@ -130,6 +130,10 @@ bool run_case(const Case& c, std::mt19937& rng) {
   ok &= check(cudaMalloc(&d_lse, lse_n * sizeof(float)), "malloc");
   ok &= check(cudaMalloc(&d_out_accum, slots * kHeadDimV * sizeof(float)), "malloc");
   ok &= check(cudaMalloc(&d_lse_accum, slots * sizeof(float)), "malloc");
+  // What fresh XLA results may hold: NaN in every accumulator slot. A combine that read a slot
+  // no piece wrote would put NaN in the output.
+  ok &= check(cudaMemset(d_out_accum, 0xff, slots * kHeadDimV * sizeof(float)), "memset");
+  ok &= check(cudaMemset(d_lse_accum, 0xff, slots * sizeof(float)), "memset");
   MetadataParams mp{d_lens, d_meta, d_splits, b, c.parts, 1};
   run_mla_metadata(mp, nullptr);
   ok &= check(cudaGetLastError(), "metadata launch");
@@ -240,6 +244,9 @@ int main(int argc, char** argv) {
       {DecodeDtype::kFP16, 3, 16, 1, 2, true, {200, 700, 2, 90}, 1000.f},
       // Many pieces per request ((b + parts) > 8 b): the wide combine, rows over two row tiles.
       {DecodeDtype::kBF16, 2, 48, 1, 40, true, {3000, 900}},
+      // More CTAs than SMs (2 row tiles x 150 partitions), two long requests split over
+      // ~60 partitions each: the wide combine over 127 pieces.
+      {DecodeDtype::kBF16, 3, 32, 1, 150, false, {5000, 3000, 64}},
   };
   bool ok = true;
   for (const Case& c : cases) {
