@@ -244,8 +244,9 @@ int main(int argc, char** argv) {
       {DecodeDtype::kFP16, 3, 16, 1, 2, true, {200, 700, 2, 90}, 1000.f},
       // Many pieces per request ((b + parts) > 8 b): the wide combine, rows over two row tiles.
       {DecodeDtype::kBF16, 2, 48, 1, 40, true, {3000, 900}},
-      // More CTAs than SMs (2 row tiles x 150 partitions), two long requests split over
-      // ~60 partitions each: the wide combine over 127 pieces.
+      // More CTAs than SMs (2 row tiles x 150 partitions), so the combine launches only once
+      // the last wave runs; a budget of one block per partition splits the requests into 79,
+      // 47 and 1 pieces: the wide combine over 127.
       {DecodeDtype::kBF16, 3, 32, 1, 150, false, {5000, 3000, 64}},
   };
   bool ok = true;
