@@ -17,6 +17,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
+# A warm machine keeps $OUT between calls: drop the JSON of earlier variants so that a copy of
+# $OUT/ab_*.json holds this call's only.
+rm -f "$OUT"/ab_*.json
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 AB_CELLS=${AB_CELLS:-P1,P2,P3,P4,P5,P6,P7,P8,P9,P10}
 AB_STEPS=${AB_STEPS:-10}
