@@ -8,7 +8,8 @@
 # experiments that skip work on purpose).
 # A call may not run past 10 minutes; about 1.5 min per variant on P1-P10 plus 1.5 min of builds.
 # With more than 4 variants, split: AB_VARIANTS="v0 v1 v2" first, then, on the still-warm
-# machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab).
+# machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab). Each call first
+# clears $OUT/ab_*.json, so copy a call's JSON out before the next one.
 #
 # Builds every .variants/NAME side by side, runs each one's standalone decode harness (float64
 # CPU reference, poisoned inputs: a variant that fails it is not timed), then times each with
