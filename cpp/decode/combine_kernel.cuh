@@ -81,13 +81,13 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     const int row = wide ? item / kCombineWarps : item * kCombineWarps + warp;
     if (row >= p.rows) continue;  // narrow only (no barrier there): the last item's spare warps
     const int channel = (wide ? item % kCombineWarps : 0) * kCombineChannelsPerWarp + lane * 4;
-    auto accum_row = [&](int k) { return (int64_t(first + k) * p.h_kv + kv_head) * p.rows + row; };
+    auto piece_row = [&](int k) { return accum_row(p, first + k, kv_head, row); };
 
     // Every warp of a wide row reduces the same LSEs (a few hundred bytes): cheaper than a barrier.
     float m = -INFINITY;
     bool nan = false;
     for (int k = lane; k < pieces; k += 32) {
-      const float v = p.lse_accum[accum_row(k)];
+      const float v = p.lse_accum[piece_row(k)];
       nan |= isnan(v);
       m = fmaxf(m, v);
     }
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
       lse = nan ? fill : INFINITY;
     } else {
       float sum = 0.f;
-      for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[accum_row(k)] - m);
+      for (int k = lane; k < pieces; k += 32) sum += exp2f(p.lse_accum[piece_row(k)] - m);
       const float lse2 = m + log2f(warp_sum(sum));
       for (auto& a : acc) a = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int k0 = warp_first; k0 < pieces; k0 += group_pieces * piece_step) {
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
           const int k_u = k0 + (wide ? u : u / kCombineVecsPerLane) * piece_step;
           const int k = min(k_u, pieces - 1);
           const int c = channel + (wide ? 0 : (u % kCombineVecsPerLane) * kVecStride);
-          v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + accum_row(k) * kHeadDimV + c));
-          w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + accum_row(k)) - lse2) : 0.f;
+          v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + piece_row(k) * kHeadDimV + c));
+          w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + piece_row(k)) - lse2) : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < kCombineLoadsPerGroup; ++u) {
@@ -159,8 +159,8 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
       __syncthreads();  // the next item's partial sums overwrite these
     }
     if (writer) {
-      const PackedRow pr = unpack_row(p, kv_head, row);
-      T* out = static_cast<T*>(p.out) + ((int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head) * kHeadDimV + channel;
+      const OutRow dst_row = out_row(p, req, kv_head, row);
+      T* out = static_cast<T*>(p.out) + dst_row.out * kHeadDimV + channel;
       using Pair2 = typename Pair<T>::type;
       for (int j = 0; j < (wide ? 1 : kCombineVecsPerLane); ++j) {
         Pair2* dst = reinterpret_cast<Pair2*>(out + j * kVecStride);
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
         dst[1] = Pair<T>::make(acc[j].z, acc[j].w);
       }
       if (lane == 0 && (!wide || (warp == 0 && item % kCombineWarps == 0)))
-        p.lse[(int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token] = lse;
+        p.lse[dst_row.lse] = lse;
     }
   }
 }

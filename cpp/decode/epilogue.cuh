@@ -45,19 +45,29 @@ struct PieceTarget {
   int slot;    // accumulator slot of this piece (used when split)
 };
 
+// Row of packed row `row` (KV head `kv_head`) in accumulator slot `slot`: out_accum and
+// lse_accum are [b + num_parts, h_kv, rows(, kHeadDimV)]. The epilogue writes it, the combine
+// reads it.
+__device__ __forceinline__ int64_t accum_row(const DecodeParams& p, int slot, int kv_head, int row) {
+  return (int64_t(slot) * p.h_kv + kv_head) * p.rows + row;
+}
 __device__ __forceinline__ int64_t accum_row(const DecodeParams& p, const PieceTarget& tg, int row) {
-  return (int64_t(tg.slot) * p.h_kv + tg.kv_head) * p.rows + row;
+  return accum_row(p, tg.slot, tg.kv_head, row);
 }
 
-// Where packed row `row` of an unsplit request goes: its row of `out` ([batch, s_q, h_q]
-// flattened) and its index in `lse` ([batch, h_q, s_q]).
+// Where packed row `row` of request `req` (KV head `kv_head`) ends up: its row of `out`
+// ([batch, s_q, h_q] flattened) and its index in `lse` ([batch, h_q, s_q]). Written by the
+// epilogue for unsplit requests, by the combine for split ones.
 struct OutRow {
   int64_t out;
   int64_t lse;
 };
+__device__ __forceinline__ OutRow out_row(const DecodeParams& p, int req, int kv_head, int row) {
+  const PackedRow pr = unpack_row(p, kv_head, row);
+  return {(int64_t(req) * p.s_q + pr.token) * p.h_q + pr.head, (int64_t(req) * p.h_q + pr.head) * p.s_q + pr.token};
+}
 __device__ __forceinline__ OutRow out_row(const DecodeParams& p, const PieceTarget& tg, int row) {
-  const PackedRow pr = unpack_row(p, tg.kv_head, row);
-  return {(int64_t(tg.req) * p.s_q + pr.token) * p.h_q + pr.head, (int64_t(tg.req) * p.h_q + pr.head) * p.s_q + pr.token};
+  return out_row(p, tg.req, tg.kv_head, row);
 }
 
 // A 16-byte global store to an address that came through a shuffle (the compiler cannot tell
