@@ -170,13 +170,17 @@ def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dic
     flops, nbytes = cell.flops_bytes(mean_len)
     compiled, text = timer.compile(flashmla_step(cell), inputs)
     path = "kernel" if _ffi.DECODE_TARGET in text else "pure JAX"
+    # Wall-clock window of the timed steps (warm-up included), to match against a clock log
+    # (benchmarks/clocks.py): SM clocks under power limits move between and within runs.
+    timed_from = time.time()
     seconds = timer.measure(compiled, inputs, steps) / LAYERS
+    timed_to = time.time()
     meta_us = metadata_seconds(timer, cell, inputs[3], steps) * 1e6
     row = {
         "name": cell.name, "b": cell.b, "s_q": cell.s_q, "h_q": cell.h_q, "h_kv": cell.h_kv, "s_k": cell.s_k,
         "varlen": cell.varlen, "causal": cell.causal, "mean_len": mean_len, "path": path,
         "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9, "TFLOPs": flops / seconds / 1e12,
-        "metadata_us": meta_us,
+        "metadata_us": meta_us, "timed_from": timed_from, "timed_to": timed_to,
     }
     row["pct_copy"] = 100 * row["GBps"] / ceilings["copy_GBps"]
     row["pct_matmul"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
