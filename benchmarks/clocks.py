@@ -1,17 +1,16 @@
 """SM clock, power and clock-event reasons during each cell's timed steps.
 
+The compute-bound cells (P4-P6) draw enough power that the driver lowers the SM clock below its
+1980 MHz maximum within a cell's 0.2-0.5 s of steps (clock-event reason "SW power cap"), by a
+varying amount from run to run. ``decode_bench.py`` records, per cell, what ``nvidia-smi`` reported
+while its steps ran (``ClockLog``); offline, from a result JSON and a log taken meanwhile:
+
     python benchmarks/clocks.py results.json clocks.csv
 
-``results.json`` is a ``decode_bench.py`` result (each row carries the wall-clock window of its
-timed steps); ``clocks.csv`` a log of
-``nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
---format=csv,noheader,nounits -lms 50`` taken meanwhile (``scripts/ab_bench.sh`` writes one per variant
-with AB_CLOCKS=1). Per cell: samples, median and minimum SM MHz, median power in W, the highest
-temperature, and the OR of the active clock-event reasons (0x4 power cap, 0x20/0x40 thermal
-slowdown, 0x1 idle: nvidia-smi's bit values).
-
-The per-block cycle counts in benchmarks/NOTES.md assume one clock for every cell; this says
-whether a cell ran at a lower one.
+``clocks.csv``: ``nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,
+clocks_event_reasons.active --format=csv,noheader,nounits -lms 50``. nvidia-smi refreshes the clock
+about every 100 ms and reports power averaged over about a second, so a 50 ms cell has one or two
+samples and the power column lags; the clock-event reasons are what to read.
 """
 
 from __future__ import annotations
@@ -19,26 +18,84 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+QUERY = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,{reasons}"
+POWER_CAP = 0x4  # nvidia-smi's clock-event bit "SW Power Cap"
+THERMAL = 0x20 | 0x40 | 0x80  # SW / HW thermal slowdown, HW power brake
 
-def read_log(path: Path) -> list[tuple[float, float, float, float, int]]:
-    """(epoch seconds, SM MHz, power W, temperature C, reasons) per sample."""
+
+def parse(text: str) -> list[tuple[float, float, float, float, int]]:
+    """(epoch seconds, SM MHz, power W, temperature C, reasons bitmask) per sample line."""
     samples = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         parts = [x.strip() for x in line.split(",")]
         if len(parts) < 6:
             continue
         try:
-            stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f")
-            # nvidia-smi prints local time; the benchmark's windows are epoch seconds.
-            epoch = stamp.timestamp()
+            # nvidia-smi prints local time, as datetime.timestamp() assumes.
+            epoch = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
             samples.append((epoch, float(parts[1]), float(parts[3]), float(parts[4]), int(parts[5], 16)))
         except ValueError:
             continue
     return samples
+
+
+def summarize(samples, start: float, end: float) -> dict | None:
+    """What the samples between two epoch times say: the fields ``decode_bench.py`` stores per cell."""
+    window = [s for s in samples if start <= s[0] <= end]
+    if not window:
+        return None
+    reasons = 0
+    for s in window:
+        reasons |= s[4]
+    return {
+        "clock_samples": len(window),
+        "sm_mhz_median": statistics.median(s[1] for s in window),
+        "sm_mhz_min": min(s[1] for s in window),
+        "power_cap": bool(reasons & POWER_CAP),
+        "thermal": bool(reasons & THERMAL),
+        "clock_reasons": f"{reasons:#x}",
+    }
+
+
+class ClockLog:
+    """``nvidia-smi`` sampling every 50 ms in the background, for as long as the object is open.
+
+    ``ClockLog.start()`` returns None where there is no ``nvidia-smi`` (CPU machines)."""
+
+    def __init__(self, proc: subprocess.Popen, path: Path):
+        self._proc, self._path = proc, path
+
+    @classmethod
+    def start(cls) -> "ClockLog | None":
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return None
+        reasons = "clocks_event_reasons.active"  # older drivers know only the throttle name
+        if subprocess.run([smi, f"--query-gpu={reasons}", "--format=csv"], capture_output=True).returncode != 0:
+            reasons = "clocks_throttle_reasons.active"
+        path = Path(tempfile.mkstemp(prefix="clocks_", suffix=".csv")[1])
+        with path.open("w") as sink:
+            proc = subprocess.Popen(
+                [smi, f"--query-gpu={QUERY.format(reasons=reasons)}", "--format=csv,noheader,nounits", "-lms", "50"],
+                stdout=sink, stderr=subprocess.DEVNULL,
+            )
+        return cls(proc, path)
+
+    def window(self, start: float, end: float) -> dict | None:
+        """``summarize`` of what was logged so far between ``start`` and ``end``."""
+        return summarize(parse(self._path.read_text()), start, end)
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait()
+        self._path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -47,21 +104,15 @@ def main(argv=None) -> int:
     parser.add_argument("log", type=Path)
     args = parser.parse_args(argv)
     rows = json.loads(args.results.read_text())["rows"]
-    samples = read_log(args.log)
-    print(f"{'cell':<5} {'us':>8} {'n':>4} {'SM MHz':>7} {'min':>5} {'W':>6} {'max C':>5} reasons")
+    samples = parse(args.log.read_text())
+    print(f"{'cell':<5} {'us':>8} {'n':>3} {'SM MHz':>7} {'min':>5} reasons")
     for row in rows:
-        if "timed_from" not in row:
+        got = summarize(samples, row["timed_from"], row["timed_to"]) if "timed_from" in row else None
+        if got is None:
+            print(f"{row['name']:<5} {row['us']:8.1f}   0 (no samples in the window)")
             continue
-        window = [s for s in samples if row["timed_from"] <= s[0] <= row["timed_to"]]
-        if not window:
-            print(f"{row['name']:<5} {row['us']:8.1f}    0 (no samples in the window)")
-            continue
-        mhz = [s[1] for s in window]
-        reasons = 0
-        for s in window:
-            reasons |= s[4]
-        print(f"{row['name']:<5} {row['us']:8.1f} {len(window):4d} {statistics.median(mhz):7.0f} {min(mhz):5.0f} "
-              f"{statistics.median(s[2] for s in window):6.1f} {max(s[3] for s in window):5.0f} {reasons:#x}")
+        print(f"{row['name']:<5} {row['us']:8.1f} {got['clock_samples']:3d} {got['sm_mhz_median']:7.0f} "
+              f"{got['sm_mhz_min']:5.0f} {got['clock_reasons']}")
     return 0
 
 

@@ -3,7 +3,8 @@
     python benchmarks/compare.py results/a.json results/b.json ...
 
 One row per cell, one column per result (named after its file), then the FlashMLA anchor, and
-each result's ratio to the anchor (>1 = faster than FlashMLA) and to the first result.
+each result's ratio to the anchor (>1 = faster than FlashMLA) and to the first result, and the
+median SM clock during each cell's steps where the results recorded it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     idx = range(1, len(runs) + 1)
     head = f"{'cell':<5}" + "".join(f" {f'us[{i}]':>8}" for i in idx) + f" {'FlashMLA':>9}"
     head += "".join(f" {f'xFM[{i}]':>8}" for i in idx) + "".join(f" {f'[1]/[{i}]':>8}" for i in list(idx)[1:])
+    with_clocks = any(row.get("clock_samples") for _, record in runs for row in record["rows"])
+    if with_clocks:
+        head += "".join(f" {f'MHz[{i}]':>8}" for i in idx)
     print(head)
     print("-" * len(head))
 
@@ -52,8 +56,12 @@ def main(argv=None) -> int:
         line = f"{cell:<5}" + "".join(num(u, "8.1f") for u in us) + num(anchor, "9.1f")
         line += "".join(num(anchor / u if anchor and u else None) for u in us)
         line += "".join(num(us[0] / u if us[0] and u else None) for u in us[1:])
+        if with_clocks:
+            line += "".join(num(r.get("sm_mhz_median") if r else None, "8.0f") for r in rows)
         print(line)
     print("us = per-layer microseconds; xFM = FlashMLA's time / ours (>1 = faster); [1]/[i] = speedup over [1]")
+    if with_clocks:
+        print("MHz = median SM clock during the cell's steps (nvidia-smi; below 1980 = lowered, e.g. by the power cap)")
     return 0
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import jax_flashmla as jf
 from jax_flashmla import _devtime, _ffi
 from cells import CELLS, CPU_CELLS, Cell, load_anchor, parse_cell
+from clocks import ClockLog
 from xla_baseline import xla_einsum_decode
 
 LAYERS = 16
@@ -212,7 +213,7 @@ def print_table(rows: list[dict], ceilings: dict) -> None:
         f"\nceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write, {ceilings['copy_method']}; "
         f"XLA's copy {ceilings['xla_copy_GBps']:.0f}), bf16 matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s (n={ceilings['matmul_n']})"
     )
-    head = f"{'cell':<5} {'shape':<38} {'path':<8} {'us/layer':>9} {'GB/s':>7} {'TFLOP/s':>8} {'%copy':>6} {'%mm':>5} {'meta us':>8} {'anchor us':>9} {'x anchor':>8} {'XLA us':>9} {'x XLA':>6}"
+    head = f"{'cell':<5} {'shape':<38} {'path':<8} {'us/layer':>9} {'GB/s':>7} {'TFLOP/s':>8} {'%copy':>6} {'%mm':>5} {'meta us':>8} {'anchor us':>9} {'x anchor':>8} {'XLA us':>9} {'x XLA':>6} {'SM MHz':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -220,9 +221,19 @@ def print_table(rows: list[dict], ceilings: dict) -> None:
         print(
             f"{r['name']:<5} {cell.label():<38} {r['path']:<8} {r['us']:>9.1f} {r['GBps']:>7.0f} {r['TFLOPs']:>8.1f} "
             f"{r['pct_copy']:>6.1f} {r['pct_matmul']:>5.1f} {r['metadata_us']:>8.1f} {_fmt(r['anchor_us'], '9.1f'):>9} "
-            f"{_fmt(r['speedup_vs_anchor'], '8.2f'):>8} {_fmt(r['xla_us'], '9.1f'):>9} {_fmt(r['speedup_vs_xla'], '6.2f'):>6}"
+            f"{_fmt(r['speedup_vs_anchor'], '8.2f'):>8} {_fmt(r['xla_us'], '9.1f'):>9} {_fmt(r['speedup_vs_xla'], '6.2f'):>6} "
+            f"{_clock(r):>10}"
         )
     print("x anchor / x XLA: how many times faster than FlashMLA's H100 time / than the XLA einsum path (>1 = faster)")
+    if any(r.get("clock_samples") for r in rows):
+        print("SM MHz: median (minimum) of nvidia-smi's SM clock during the cell's steps; * = the power cap was active")
+
+
+def _clock(row: dict) -> str:
+    if not row.get("clock_samples"):
+        return "-"
+    cap = "*" if row["power_cap"] else ""
+    return f"{row['sm_mhz_median']:.0f} ({row['sm_mhz_min']:.0f}){cap}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -257,6 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--anchor", help="path of the FlashMLA anchor JSON (default: ../shared/anchors)")
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/last_run-<platform>.json)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG of per-cell time against the anchor")
+    parser.add_argument("--no-clocks", action="store_true", help="do not log SM clocks with nvidia-smi meanwhile")
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -274,13 +286,23 @@ def main(argv=None) -> int:
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, build: {build}")
     timer = Timer(device_events=_devtime.available() and not args.host_timing)
     print(f"timing: {timer.method}")
-    ceilings = measure_ceilings(timer, on_gpu, steps)
-    rows = []
-    for cell in cells:
-        print(f"running {cell.name}: {cell.label()} ...", flush=True)
-        row = run_cell(timer, cell, steps, not args.no_xla, ceilings, anchor)
-        row["device"] = device.device_kind
-        rows.append(row)
+    # SM clocks fall under the power cap in the compute-bound cells, by a different amount in
+    # each run: every row says what the clock was during its steps (benchmarks/clocks.py).
+    clock_log = ClockLog.start() if on_gpu and not args.no_clocks else None
+    try:
+        ceilings = measure_ceilings(timer, on_gpu, steps)
+        rows = []
+        for cell in cells:
+            print(f"running {cell.name}: {cell.label()} ...", flush=True)
+            row = run_cell(timer, cell, steps, not args.no_xla, ceilings, anchor)
+            row["device"] = device.device_kind
+            rows.append(row)
+        if clock_log is not None:
+            for row in rows:
+                row.update(clock_log.window(row["timed_from"], row["timed_to"]) or {"clock_samples": 0})
+    finally:
+        if clock_log is not None:
+            clock_log.close()
     print_table(rows, ceilings)
 
     out = Path(args.json) if args.json else RESULTS / f"last_run-{device.platform}.json"

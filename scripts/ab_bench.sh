@@ -6,8 +6,6 @@
 #
 # AB_UNCHECKED="NAME ...": variants timed even when they fail the harness (upper-bound
 # experiments that skip work on purpose).
-# AB_CLOCKS=1: log SM clock, power and clock-event reasons (nvidia-smi, every 50 ms) while each
-# variant runs, and print them per cell (benchmarks/clocks.py).
 # A call may not run past 10 minutes; about 1.5 min per variant on P1-P10 plus 1.5 min of builds.
 # With more than 4 variants, split: AB_VARIANTS="v0 v1 v2" first, then, on the still-warm
 # machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab). Each call first
@@ -32,7 +30,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlas
 export PYTHONPATH=/tmp/cutlass  # cutlass_library: the CUTLASS/CuTe headers for every build
 [ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$ROOT/.device/ffi-0.3
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
-[ "${AB_CLOCKS:-0}" = 1 ] && nvidia-smi -q -d POWER,CLOCK,PERFORMANCE,TEMPERATURE >"$OUT/gpu_state.txt" 2>&1
+# Power limit, clocks and clock-event counters before the runs (each cell's own SM clock is in its
+# JSON row: decode_bench.py logs it).
+nvidia-smi -q -d POWER,CLOCK,PERFORMANCE,TEMPERATURE >"$OUT/gpu_state.txt" 2>&1
 
 all_names=()
 for dir in .variants/*/; do all_names+=("$(basename "$dir")"); done
@@ -67,20 +67,9 @@ for name in "${names[@]}"; do
     fi
   fi
   tail -1 "$OUT/harness_$name.log"
-  if [ "${AB_CLOCKS:-0}" = 1 ]; then
-    reasons=clocks_event_reasons.active  # older drivers only know the throttle name
-    nvidia-smi --query-gpu=$reasons --format=csv >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
-      --format=csv,noheader,nounits -lms 50 >"$OUT/clocks_$name.csv" 2>&1 &
-    smi=$!
-  fi
   PYTHONPATH="/tmp/ab/$name" timeout 420 python3 benchmarks/decode_bench.py --no-xla --cells "$AB_CELLS" \
     --steps "$AB_STEPS" --anchor .device/anchors/flashmla-h100.json --json "$OUT/ab_$name.json" >"$OUT/bench_$name.log" 2>&1
   rc=$?
-  if [ "${AB_CLOCKS:-0}" = 1 ]; then
-    kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
-    [ $rc = 0 ] && python3 benchmarks/clocks.py "$OUT/ab_$name.json" "$OUT/clocks_$name.csv"
-  fi
   echo "bench $name rc=$rc"; [ $rc = 0 ] && jsons+=("$OUT/ab_$name.json") || tail -5 "$OUT/bench_$name.log"
 done
 
