@@ -54,7 +54,7 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
 // benchmarks/probes/phase_probe.cu).
 template <typename T, typename TmaK>
 __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedStorage<T>& smem, int stage,
-                              int page, int kv_head) {
+                              int page, int kv_head, TMA::CacheHintSm90 hint) {
   using Traits = KernelTraits<T>;
   Tensor mK = tma_k.get_tma_tensor(make_shape(Int<kPageBlockSize>{}, Int<kHeadDim>{}, p.h_kv, p.num_pages));
   Tensor gK = mK(_, _, kv_head, page);  // [kPageBlockSize, kHeadDim] coordinates
@@ -70,8 +70,7 @@ __device__ void issue_k_block(const TmaK& tma_k, const DecodeParams& p, SharedSt
       Tensor gTile = local_tile(gK, Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, make_coord(_0{}, t));
       Tensor sTile = make_tensor(make_smem_ptr(smem.k[stage] + t * Traits::kTileElems),
                                  typename Traits::SmemLayoutKTile{});
-      // Each cache byte is read once per decode step: evict it first, keep L2 for Q and outputs.
-      copy(tma_k.with(bar, 0, TMA::CacheHintSm90::EVICT_FIRST), cta_tma.partition_S(gTile),
+      copy(tma_k.with(bar, 0, hint), cta_tma.partition_S(gTile),
            cta_tma.partition_D(sTile));
     }
   }
