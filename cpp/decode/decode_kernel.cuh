@@ -264,12 +264,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       const bool skip =
           piece_has_bad_page(p, pages, pc, threadIdx.x - kProducerThread, kWarpgroupThreads, kBarProducerPiece);
       if (!skip && threadIdx.x == kProducerThread) {
-        // A split request's partial outputs are read back by the combine: its K blocks go first
-        // out of L2 so that they do not push those out (measured: evict-normal costs P8 8% and
-        // P10 5%). An unsplit request leaves nothing in L2 for later; there the default policy
-        // measured faster (P1 -1.5 to -1.8%; benchmarks/NOTES.md, attempt 32).
-        const bool split = p.num_splits[req + 1] - p.num_splits[req] > 1;
-        const auto hint = split ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
+        // Where any request is split, the combine reads partial outputs back from L2: K blocks
+        // go first out of L2 so that they do not push those out (evict-normal measured P8 +8%,
+        // P10 +5%, and P2, P3, P7 +1% even with split requests alone evict-first). Where none is
+        // split, the default policy measured faster (P1 -1.7%, P4 -1%; NOTES.md, attempt 48).
+        const bool any_split = p.num_splits[p.batch] != p.batch;
+        const auto hint = any_split ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
         for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
           const int stage = issued % kKStages;
           const int page = pages[n];  // read before the wait, which hides its latency
