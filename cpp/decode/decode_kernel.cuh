@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
         // Where any request is split, the combine reads partial outputs back from L2: K blocks
         // go first out of L2 so that they do not push those out (evict-normal measured P8 +8%,
         // P10 +5%, and P2, P3, P7 +1% even with split requests alone evict-first). Where none is
-        // split, the default policy measured faster (P1 -1.7%, P4 -1%; NOTES.md, attempt 48).
+        // split, the default policy measured faster (P1 -1.7%, P4 level to -1%; NOTES.md, attempt 48).
         const bool any_split = p.num_splits[p.batch] != p.batch;
         const auto hint = any_split ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
         for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {

@@ -48,7 +48,8 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
 }
 
 // Issues the kNumKTiles TMA copies of one K block (one page) into `stage`, the first
-// kQkFirstTiles counted by k_full[stage][0], the rest by k_full[stage][1]. One thread (of the
+// kQkFirstTiles counted by k_full[stage][0], the rest by k_full[stage][1], all with the L2 policy
+// `hint` (the caller's: it depends on whether the combine reads partials back). One thread (of the
 // producer warpgroup: the TMA unit takes ~80-90 cycles to accept each 64x64 box and the issuing
 // warp stalls meanwhile, ~800 cycles a block that a consumer warp would add to every block;
 // benchmarks/probes/phase_probe.cu).
