@@ -14,7 +14,8 @@
 #   harness    the standalone decode harness alone (float64 CPU reference, poisoned inputs): a
 #              one-minute correctness check between kernel edits
 #   sanitizer  compute-sanitizer (every tool) on the standalone scheduler and decode harnesses
-#   bench      benchmarks/decode_bench.py with $BENCH_ARGS, then benchmarks/kernel_times.py (each
+#   bench      benchmarks/decode_bench.py with $BENCH_ARGS (under $BENCH_TIMEOUT s, default 420: 30
+#              steps per cell and the XLA baseline), then benchmarks/kernel_times.py (each
 #              kernel's device time under ncu) on the cells $KT_CELLS (default P1,P8)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
@@ -137,7 +138,7 @@ if want bench; then
   echo "== benchmark"
   # Under JAX's default allocator, as a user runs it: without preallocation the XLA baseline's
   # 16-layer step runs out of memory on P2 and P3 as well.
-  timeout 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE -u XLA_PYTHON_CLIENT_MEM_FRACTION python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  timeout "${BENCH_TIMEOUT:-420}" env -u XLA_PYTHON_CLIENT_PREALLOCATE -u XLA_PYTHON_CLIENT_MEM_FRACTION python3 benchmarks/decode_bench.py $BENCH_ARGS --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
   status[bench]=${PIPESTATUS[0]}
   echo "== kernel device times (ncu)"
   timeout 300 python3 benchmarks/kernel_times.py --cells "${KT_CELLS:-P1,P8}" --json "$OUT/kernel_times.json" 2>&1 \
