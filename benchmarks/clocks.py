@@ -88,9 +88,13 @@ class ClockLog:
             )
         return cls(proc, path)
 
+    def samples(self) -> list[tuple[float, float, float, float, int]]:
+        """Everything logged so far (``parse``)."""
+        return parse(self._path.read_text())
+
     def window(self, start: float, end: float) -> dict | None:
         """``summarize`` of what was logged so far between ``start`` and ``end``."""
-        return summarize(parse(self._path.read_text()), start, end)
+        return summarize(self.samples(), start, end)
 
     def close(self) -> None:
         self._proc.terminate()
