@@ -39,3 +39,31 @@ def test_device_timer_says_why_it_cannot_run():
         pytest.skip("a GPU is here: tests/test_gpu.py exercises the timer")
     with pytest.raises(RuntimeError, match="CUDA extension"):
         _devtime.mark(0)
+
+
+def _clocks():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import clocks
+    finally:
+        sys.path.pop(0)
+    return clocks
+
+
+@pytest.mark.parametrize("reasons, cap", [("0x0000000000000004", True), ("0x0000000000000000", False)])
+def test_clock_log_window(reasons, cap):
+    """The per-cell clock summary reads nvidia-smi's CSV lines (local time) inside a window only."""
+    import datetime
+
+    clocks = _clocks()
+    t0 = 1_800_000_000.0
+    stamp = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
+    text = "\n".join(
+        [f"{stamp(t0 - 1.0)}, 1980, 2619, 100.0, 40, 0x0000000000000001"]
+        + [f"{stamp(t0 + 0.05 * i)}, {mhz}, 2619, 650.5, 55, {reasons}" for i, mhz in enumerate([1980, 1755, 1650])]
+        + [f"{stamp(t0 + 5.0)}, 345, 2619, 70.0, 40, 0x0000000000000001", "not a sample line"]
+    )
+    got = clocks.summarize(clocks.parse(text), t0 - 0.01, t0 + 1.0)
+    assert got["clock_samples"] == 3 and got["sm_mhz_median"] == 1755 and got["sm_mhz_min"] == 1650
+    assert got["power_cap"] is cap and got["thermal"] is False
+    assert clocks.summarize(clocks.parse(text), t0 + 2.0, t0 + 3.0) is None
