@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -80,8 +81,9 @@ class ClockLog:
         reasons = "clocks_event_reasons.active"  # older drivers know only the throttle name
         if subprocess.run([smi, f"--query-gpu={reasons}", "--format=csv"], capture_output=True).returncode != 0:
             reasons = "clocks_throttle_reasons.active"
-        path = Path(tempfile.mkstemp(prefix="clocks_", suffix=".csv")[1])
-        with path.open("w") as sink:
+        fd, name = tempfile.mkstemp(prefix="clocks_", suffix=".csv")
+        path = Path(name)
+        with os.fdopen(fd, "w") as sink:  # nvidia-smi keeps its own copy of the descriptor
             proc = subprocess.Popen(
                 [smi, f"--query-gpu={QUERY.format(reasons=reasons)}", "--format=csv,noheader,nounits", "-lms", "50"],
                 stdout=sink, stderr=subprocess.DEVNULL,
