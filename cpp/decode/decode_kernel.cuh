@@ -253,6 +253,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   if (wg == kProducerWarpgroup) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     const Partition pt = read_partition(p, part);
+    // Where any request is split, the combine reads partial outputs back from L2: K blocks go
+    // first out of L2 so that they do not push those out (evict-normal measured P8 +8%, P10 +5%,
+    // and P2, P3, P7 +1% even with split requests alone evict-first). Where none is split, the
+    // default policy measured faster (P1 -1.7%, P4 level to -1%; benchmarks/NOTES.md, attempt 48).
+    const bool any_split = p.num_splits[p.batch] != p.batch;
+    const auto hint = any_split ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
     // K blocks issued: stage = issued % kKStages. A stage's k_empty completes a phase per
     // release; waiting on the parity before the current one passes at once on a fresh barrier,
     // so the first kKStages blocks go out without waiting.
@@ -264,12 +270,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
       const bool skip =
           piece_has_bad_page(p, pages, pc, threadIdx.x - kProducerThread, kWarpgroupThreads, kBarProducerPiece);
       if (!skip && threadIdx.x == kProducerThread) {
-        // Where any request is split, the combine reads partial outputs back from L2: K blocks
-        // go first out of L2 so that they do not push those out (evict-normal measured P8 +8%,
-        // P10 +5%, and P2, P3, P7 +1% even with split requests alone evict-first). Where none is
-        // split, the default policy measured faster (P1 -1.7%, P4 level to -1%; NOTES.md, attempt 48).
-        const bool any_split = p.num_splits[p.batch] != p.batch;
-        const auto hint = any_split ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
         for (int n = pc.begin; n < pc.n_end; ++n, ++issued) {
           const int stage = issued % kKStages;
           const int page = pages[n];  // read before the wait, which hides its latency
