@@ -55,18 +55,25 @@ __host__ __device__ __forceinline__ int combine_items(int rows, bool wide) {
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
     mla_combine_kernel(__grid_constant__ const DecodeParams p, bool by_partition, bool wide) {
+  // The next layer's attention kernel (a programmatic dependent of this one) may launch once
+  // every CTA of this grid has started: it waits for this grid to complete before it touches
+  // memory, and meanwhile takes SMs as they empty.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // This grid completes only after the attention grid has: CTA (0, 0, 0) always waits for it.
+  // That is what the next attention kernel's wait relies on (it waits for this grid alone).
+  const bool anchor = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
   // The metadata and num_splits come from the metadata kernel, complete before the attention
-  // kernel started: CTAs with nothing to merge leave without waiting, on SMs the attention
-  // kernel has freed.
+  // kernel passed its own wait (and only then triggered this launch): CTAs with nothing to merge
+  // leave without waiting, on SMs the attention kernel has freed.
   const int req = combine_request(p, by_partition);
-  if (req < 0) return;
-  const int kv_head = blockIdx.y;
-  const int first = p.num_splits[req];
-  const int pieces = p.num_splits[req + 1] - first;
-  if (pieces <= 1) return;
+  const int first = req < 0 ? 0 : p.num_splits[req];
+  const int pieces = req < 0 ? 0 : p.num_splits[req + 1] - first;
+  if (pieces <= 1 && !anchor) return;
   // Launched as a programmatic dependent of the attention kernel: wait until its writes (the
   // accumulators) are complete and visible. Nothing before this line may read them.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (pieces <= 1) return;
+  const int kv_head = blockIdx.y;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   constexpr int kVecStride = 32 * 4;  // channels between a lane's narrow vectors

@@ -219,17 +219,28 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
   clk.finish();
 }
 
+// The kernel is launched as a programmatic dependent of the previous op on the stream (the
+// previous layer's combine, or the scheduler), so its CTAs may start while that op still runs.
+// Every thread waits here for it to complete, and for its writes to be visible, before any read
+// or write of the kernel's inputs and outputs (outputs too: XLA may give this call memory that
+// the previous op still reads). Only L2 prefetches (prefetch_first_piece) come before; the wait
+// returns at once after an ordinary launch.
+// Then the combine grid may launch, once every CTA of this grid is past this point (not when the
+// last one exits): its CTAs cannot share an SM with one of these (registers and shared memory
+// are full), so they fill SMs as attention CTAs finish. Those of unsplit requests exit at once;
+// the others wait in griddepcontrol.wait for this whole grid and its writes. The combine reads
+// the metadata before that wait, so the trigger must come after this grid's own wait.
+__device__ __forceinline__ void start_after_previous_grid() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 template <typename T, typename TmaK>
 __global__ void __launch_bounds__(kDecodeThreads, 1)
     mla_decode_kernel(__grid_constant__ const DecodeParams p, __grid_constant__ const TmaK tma_k) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage<T>& smem = *reinterpret_cast<SharedStorage<T>*>(smem_raw);
 
-  // Let the combine grid launch once every CTA of this grid is running (not when the last one
-  // exits): its CTAs cannot share an SM with one of these (registers and shared memory are
-  // full), so they fill SMs as attention CTAs finish. Those of unsplit requests exit at once;
-  // the others wait in griddepcontrol.wait for this whole grid and its writes.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int row_block = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int part = blockIdx.z;
@@ -252,6 +263,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 
   if (wg == kProducerWarpgroup) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
+    // A warp that issues no copies: its prefetches overlap the wait for the previous kernel
+    // (when this grid launched early) and delay no one's first load (when it did not).
+    if (threadIdx.x == kProducerThread + 32) prefetch_first_piece<T>(p, part, kv_head, row_block);
+    start_after_previous_grid();
     const Partition pt = read_partition(p, part);
     // Where any request is split, the combine reads partial outputs back from L2: K blocks go
     // first out of L2 so that they do not push those out (evict-normal measured P8 +8%, P10 +5%,
@@ -287,6 +302,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
   }
 
   cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
+  start_after_previous_grid();
   run_consumer(p, smem, row_block, kv_head, part, wg);
 }
 

@@ -1,5 +1,5 @@
 // Launcher of the decode: builds the TMA descriptor of the paged cache, then enqueues the
-// attention kernel and the combine (programmatic dependent launch) on one stream.
+// attention kernel and the combine on one stream, each a programmatic dependent of the op before.
 #include <algorithm>
 
 #include <cute/tensor.hpp>
@@ -35,6 +35,25 @@ auto make_tma_k(const DecodeParams& p) {
                        Shape<Int<kBlockN>, Int<kHeadDimTile>>{}, _1{});
 }
 
+// A launch configuration on `stream` whose kernel is a programmatic dependent of the previous op
+// there: it may start before that op completes, and waits for it in griddepcontrol.wait.
+struct DependentLaunch {
+  cudaLaunchAttribute attribute[1];
+  cudaLaunchConfig_t config;
+
+  DependentLaunch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream) : attribute{}, config{} {
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  DependentLaunch(const DependentLaunch&) = delete;  // config points into this object
+};
+
 template <typename T>
 cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   auto tma_k = make_tma_k<T>(p);
@@ -42,12 +61,14 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   constexpr int kSmemBytes = int(sizeof(decode::SharedStorage<T>));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts);
-  kernel<<<grid, kDecodeThreads, kSmemBytes, stream>>>(p, tma_k);
-  err = cudaGetLastError();
+  // The attention grid may start under the previous op's tail (the previous layer's combine):
+  // its CTAs prefetch their first loads into L2 and wait (start_after_previous_grid).
+  DependentLaunch attention(dim3((p.rows + kBlockM - 1) / kBlockM, p.h_kv, p.num_parts), dim3(kDecodeThreads),
+                            kSmemBytes, stream);
+  err = cudaLaunchKernelEx(&attention.config, kernel, p, tma_k);
   if (err != cudaSuccess) return err;
 
-  // The combine launches once every attention CTA runs (that kernel triggers at its start); its
+  // The combine launches once every attention CTA is past its own wait (and triggers); its
   // CTAs of split requests then wait on griddepcontrol.wait.
   // The pieces are known on the device only; (batch + parts) / batch is their mean per request
   // (each partition boundary adds at most one). Past kCombineWidePieces, the wide combine puts
@@ -56,17 +77,9 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   const bool wide = int64_t(p.batch) + p.num_parts > int64_t(kCombineWidePieces) * p.batch;
   const bool by_partition = p.num_parts - 1 < p.batch;
   const int columns = by_partition ? std::max(p.num_parts - 1, 1) : p.batch;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(columns, p.h_kv, std::min(decode::combine_items(p.rows, wide), kMaxGridYZ));
-  config.blockDim = dim3(kCombineThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, decode::mla_combine_kernel<T>, p, by_partition, wide);
+  DependentLaunch combine(dim3(columns, p.h_kv, std::min(decode::combine_items(p.rows, wide), kMaxGridYZ)),
+                          dim3(kCombineThreads), 0, stream);
+  return cudaLaunchKernelEx(&combine.config, decode::mla_combine_kernel<T>, p, by_partition, wide);
 }
 
 }  // namespace

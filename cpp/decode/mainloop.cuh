@@ -1,5 +1,5 @@
 // Data movement and tensor-core work of the decode kernel: the Q tile (cp.async), K blocks
-// (TMA through the block table), QK^T and PV (wgmma).
+// (TMA through the block table), L2 prefetches of a partition's first loads, QK^T and PV (wgmma).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -8,6 +8,7 @@
 
 #include "decode/decode_params.h"
 #include "decode/kernel_traits.cuh"
+#include "scheduler/mla_metadata.h"
 
 namespace jax_flashmla::decode {
 
@@ -45,6 +46,50 @@ __device__ void load_q(const DecodeParams& p, SharedStorage<T>& smem, int req, i
   // cp.async writes through the generic proxy; wgmma reads through the async proxy.
   cutlass::arch::fence_view_async_shared();
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, kBarQ);
+}
+
+// Asks L2 to fetch [ptr, ptr + bytes) (16-byte aligned, a multiple of 16 bytes). A hint: it
+// changes no memory, completes on its own and is never waited for.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
+// Before griddepcontrol.wait (one thread): L2 prefetches of the Q rows and the first kKStages
+// K blocks of the partition's first piece, so that the kernel's first loads, issued by every CTA
+// at once, hit L2 instead of queueing for DRAM. The kernel is a programmatic dependent of the
+// previous op on the stream (the previous layer's combine), so the metadata, lengths and block
+// table read here may still be in the making: they are read through L2 only (ld.global.cg, so
+// no stale line stays in L1 for the reads after the wait), and every index is clamped, so a
+// stale value only prefetches the wrong bytes of the right buffers.
+template <typename T>
+__device__ void prefetch_first_piece(const DecodeParams& p, int part, int kv_head, int row_block) {
+  constexpr uint32_t kRowBytes = kHeadDim * sizeof(T);
+  const int* meta = p.metadata + int64_t(part) * kMetadataCols;
+  const int req = __ldcg(meta + kFirstReq);
+  if (req < 0 || req >= p.batch) return;  // an empty partition (or a value not yet written)
+  const int row_begin = row_block * kBlockM;
+  const int row_end = min(row_begin + kBlockM, p.rows);
+  const T* q = static_cast<const T*>(p.q) + int64_t(req) * p.s_q * p.h_q * kHeadDim;
+  if (p.h_kv == 1) {  // packed rows are q's rows: one contiguous range
+    prefetch_l2(q + int64_t(row_begin) * kHeadDim, uint32_t(row_end - row_begin) * kRowBytes);
+  } else {  // a token's heads of this KV head are contiguous
+    for (int t = row_begin / p.heads_per_kv; t <= (row_end - 1) / p.heads_per_kv; ++t)
+      prefetch_l2(q + (int64_t(t) * p.h_q + kv_head * p.heads_per_kv) * kHeadDim, p.heads_per_kv * kRowBytes);
+  }
+  const int first_block = max(__ldcg(meta + kFirstBlock), 0);
+  const int seqlen = __ldcg(p.cache_seqlens + req);
+  const int* pages = p.block_table + int64_t(req) * p.max_blocks;
+  const T* k = static_cast<const T*>(p.k_cache);
+  for (int n = first_block; n < first_block + kKStages && n < p.max_blocks && int64_t(n) * kBlockN < seqlen; ++n) {
+    const int page = __ldcg(pages + n);
+    if (page < 0 || page >= p.num_pages) continue;
+    const T* page_k = k + (int64_t(page) * kPageBlockSize * p.h_kv + kv_head) * kHeadDim;
+    if (p.h_kv == 1) {
+      prefetch_l2(page_k, kPageBlockSize * kRowBytes);
+    } else {
+      for (int t = 0; t < kPageBlockSize; ++t) prefetch_l2(page_k + int64_t(t) * p.h_kv * kHeadDim, kRowBytes);
+    }
+  }
 }
 
 // Issues the kNumKTiles TMA copies of one K block (one page) into `stage`, the first

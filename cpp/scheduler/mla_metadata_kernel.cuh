@@ -117,6 +117,9 @@ __device__ __forceinline__ void walk_partitions(const int* prefix, int b, int bu
 }
 
 __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const MetadataParams p) {
+  // The decode's attention kernel, launched right after as a programmatic dependent, may take the
+  // other SMs now: it waits for this grid to complete before it reads the metadata.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   using BlockScan = cub::BlockScan<int, kSchedulerThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ int s_prefix[kSchedulerSmemRequests + 1];
