@@ -101,16 +101,21 @@ inline constexpr int kCombineChannelsPerWarp = kHeadDimV / kCombineWarps;
 static_assert(kCombineChannelsPerWarp == 32 * 4, "one float4 per lane per channel slice");
 inline constexpr int kCombineVecsPerLane = kHeadDimV / (32 * 4);  // narrow: a whole row per warp
 // float4 loads of partial outputs a lane issues before consuming any: the loads of a group are
-// independent, so a row costs ceil(loads / kCombineLoadsPerGroup) memory latencies. Narrow: the
-// row's vectors of kCombineLoadsPerGroup / kCombineVecsPerLane pieces; wide: one vector of
-// kCombineLoadsPerGroup pieces.
+// independent, so a row costs ceil(loads / group) memory latencies. Wide: one vector of
+// kCombineLoadsPerGroup pieces. Narrow: the row's vectors of kCombineNarrowLoadsPerGroup /
+// kCombineVecsPerLane pieces (one: the registers of 8 CTAs per SM, below, hold no more).
 inline constexpr int kCombineLoadsPerGroup = 8;
-static_assert(kCombineLoadsPerGroup % kCombineVecsPerLane == 0, "whole pieces per narrow group");
+inline constexpr int kCombineNarrowLoadsPerGroup = 4;
+static_assert(kCombineNarrowLoadsPerGroup % kCombineVecsPerLane == 0, "whole pieces per narrow group");
 // Pieces per request past which the launcher picks the wide combine.
 inline constexpr int kCombineWidePieces = kCombineLoadsPerGroup;
 // Combine CTAs per SM that the register budget must allow: 4 leaves ptxas up to 128 registers,
 // enough for a group's kCombineLoadsPerGroup float4 loads and the row's four float4 sums without
 // spills, and 16 warps per SM keep ~64 KiB of loads in flight.
 inline constexpr int kCombineMinCtasPerSm = 4;
+// Narrow combine CTAs per SM: 8 (64 registers) puts a grid of up to 1056 CTAs (P10's 1024) on the
+// GPU in one round as the attention CTAs leave, instead of two (benchmarks/NOTES.md, attempts 44
+// and 52).
+inline constexpr int kCombineNarrowMinCtasPerSm = 8;
 
 }  // namespace jax_flashmla

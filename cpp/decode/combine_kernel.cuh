@@ -52,9 +52,11 @@ __host__ __device__ __forceinline__ int combine_items(int rows, bool wide) {
 // kCombineVecsPerLane float4 of the row (channels lane * 4 + v * 128). Wide: an item is one
 // kCombineChannelsPerWarp slice of one row; warp w takes pieces w, w + kCombineWarps, ... and
 // the warps add their sums in shared memory.
-template <typename T>
-__global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
-    mla_combine_kernel(__grid_constant__ const DecodeParams p, bool by_partition, bool wide) {
+template <typename T, bool kWide>
+__global__ void __launch_bounds__(kCombineThreads, kWide ? kCombineMinCtasPerSm : kCombineNarrowMinCtasPerSm)
+    mla_combine_kernel(__grid_constant__ const DecodeParams p, bool by_partition) {
+  constexpr bool wide = kWide;
+  constexpr int kLoadsPerGroup = kWide ? kCombineLoadsPerGroup : kCombineNarrowLoadsPerGroup;
   // The next layer's attention kernel (a programmatic dependent of this one) may launch once
   // every CTA of this grid has started: it waits for this grid to complete before it touches
   // memory, and meanwhile takes SMs as they empty.
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
   const int lane = threadIdx.x % 32;
   constexpr int kVecStride = 32 * 4;  // channels between a lane's narrow vectors
   // Per load group: pieces, and the pieces between two of this warp's pieces.
-  const int group_pieces = wide ? kCombineLoadsPerGroup : kCombineLoadsPerGroup / kCombineVecsPerLane;
+  const int group_pieces = wide ? kLoadsPerGroup : kLoadsPerGroup / kCombineVecsPerLane;
   const int piece_step = wide ? kCombineWarps : 1;
   const int warp_first = wide ? warp : 0;
   __shared__ float4 partial[kCombineWarps][32];  // wide: each warp's sum over its pieces
@@ -117,10 +119,10 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
       const float lse2 = m + log2f(warp_sum(sum));
       for (auto& a : acc) a = make_float4(0.f, 0.f, 0.f, 0.f);
       for (int k0 = warp_first; k0 < pieces; k0 += group_pieces * piece_step) {
-        float w[kCombineLoadsPerGroup];
-        float4 v[kCombineLoadsPerGroup];
+        float w[kLoadsPerGroup];
+        float4 v[kLoadsPerGroup];
 #pragma unroll
-        for (int u = 0; u < kCombineLoadsPerGroup; ++u) {
+        for (int u = 0; u < kLoadsPerGroup; ++u) {
           // Past the last piece: reload the last one with weight 0 (a valid address, and no
           // branch to keep the compiler from issuing the group's loads together).
           const int k_u = k0 + (wide ? u : u / kCombineVecsPerLane) * piece_step;
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCombineMinCtasPerSm)
           w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + piece_row(k)) - lse2) : 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < kCombineLoadsPerGroup; ++u) {
+        for (int u = 0; u < kLoadsPerGroup; ++u) {
           float4& a = acc[u % kCombineVecsPerLane];
           a.x += w[u] * v[u].x;
           a.y += w[u] * v[u].y;

@@ -79,7 +79,8 @@ cudaError_t run_typed(const DecodeParams& p, cudaStream_t stream) {
   const int columns = by_partition ? std::max(p.num_parts - 1, 1) : p.batch;
   DependentLaunch combine(dim3(columns, p.h_kv, std::min(decode::combine_items(p.rows, wide), kMaxGridYZ)),
                           dim3(kCombineThreads), 0, stream);
-  return cudaLaunchKernelEx(&combine.config, decode::mla_combine_kernel<T>, p, by_partition, wide);
+  return wide ? cudaLaunchKernelEx(&combine.config, decode::mla_combine_kernel<T, true>, p, by_partition)
+              : cudaLaunchKernelEx(&combine.config, decode::mla_combine_kernel<T, false>, p, by_partition);
 }
 
 }  // namespace
