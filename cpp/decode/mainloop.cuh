@@ -56,7 +56,7 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
 
 // Before griddepcontrol.wait (one thread): L2 prefetches of the Q rows and the first kKStages
 // K blocks of the partition's first piece, so that the kernel's first loads, issued by every CTA
-// at once, hit L2 instead of queueing for DRAM. The kernel is a programmatic dependent of the
+// at once, hit L2 instead of queueing for DRAM (P10 -1.2%, P7 -1.6% at 30 steps). The kernel is a programmatic dependent of the
 // previous op on the stream (the previous layer's combine), so the metadata, lengths and block
 // table read here may still be in the making: they are read through L2 only (ld.global.cg, so
 // no stale line stays in L1 for the reads after the wait), and every index is clamped, so a
@@ -64,6 +64,10 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
 template <typename T>
 __device__ void prefetch_first_piece(const DecodeParams& p, int part, int kv_head, int row_block) {
   constexpr uint32_t kRowBytes = kHeadDim * sizeof(T);
+  // Where no request is split, every partition holds whole requests and the CTAs end together:
+  // the next grid's CTAs find no SM early, and the prefetches would only queue ahead of their own
+  // copies in the copy engine (measured P4 +2.7%; benchmarks/NOTES.md, attempt 51).
+  if (__ldcg(p.num_splits + p.batch) == p.batch) return;
   const int* meta = p.metadata + int64_t(part) * kMetadataCols;
   const int req = __ldcg(meta + kFirstReq);
   if (req < 0 || req >= p.batch) return;  // an empty partition (or a value not yet written)
