@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1)
 
   if (wg == kProducerWarpgroup) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
-    // A warp that issues no copies: its prefetches overlap the wait for the previous kernel
-    // (when this grid launched early) and delay no one's first load (when it did not).
+    // One thread of a warp that issues no copies: its prefetches overlap the wait for the
+    // previous kernel (when this grid launched early) and hold back no one's first load.
     if (threadIdx.x == kProducerThread + 32) prefetch_first_piece<T>(p, part, kv_head, row_block);
     start_after_previous_grid();
     const Partition pt = read_partition(p, part);
