@@ -77,9 +77,11 @@ __device__ void prefetch_first_piece(const DecodeParams& p, int part, int kv_hea
   const T* q = static_cast<const T*>(p.q) + int64_t(req) * p.s_q * p.h_q * kHeadDim;
   if (p.h_kv == 1) {  // packed rows are q's rows: one contiguous range
     prefetch_l2(q + int64_t(row_begin) * kHeadDim, uint32_t(row_end - row_begin) * kRowBytes);
-  } else {  // a token's heads of this KV head are contiguous
-    for (int t = row_begin / p.heads_per_kv; t <= (row_end - 1) / p.heads_per_kv; ++t)
-      prefetch_l2(q + (int64_t(t) * p.h_q + kv_head * p.heads_per_kv) * kHeadDim, p.heads_per_kv * kRowBytes);
+  } else {  // a token's heads of this KV head are contiguous: one range from each token's first row
+    for (int t = row_begin / p.heads_per_kv; t <= (row_end - 1) / p.heads_per_kv; ++t) {
+      const PackedRow pr = unpack_row(p, kv_head, t * p.heads_per_kv);
+      prefetch_l2(q + (int64_t(pr.token) * p.h_q + pr.head) * kHeadDim, p.heads_per_kv * kRowBytes);
+    }
   }
   const int first_block = max(__ldcg(meta + kFirstBlock), 0);
   const int seqlen = __ldcg(p.cache_seqlens + req);
