@@ -19,14 +19,15 @@ inline constexpr int kFixedOverheadBlocks = 5;
 // int32 columns of one tile_scheduler_metadata row (layout: scheduler/mla_metadata.h).
 inline constexpr int kMetadataCols = 8;
 
-// Scheduler kernel: threads that scan the request costs and fill the rows in parallel (one warp
-// of them walks the partitions).
+// Scheduler kernel: threads that scan the request costs and fill the rows in parallel.
 inline constexpr int kSchedulerThreads = 256;
-// Requests whose cost prefix is kept in shared memory (32 KiB); a larger batch keeps it in its
-// num_splits output, at global-memory latency.
+// Requests whose cost prefix and boundary links (12 bytes a request, dynamic shared memory: 96 KiB
+// at this size) are kept in shared memory, where the partitions are placed by following links
+// between request boundaries. A larger batch keeps the prefix in its num_splits output and one
+// warp walks the partitions one by one, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
-// Partitions whose starts are kept in shared memory (3 x 4 KiB, with the above under the 48 KiB
-// static limit); more are walked through the metadata rows.
+// Partitions whose starts are kept in shared memory (3 x 4 KiB of static shared memory); more are
+// kept in the metadata rows.
 inline constexpr int kSchedulerSmemParts = 1024;
 
 // ---- Split-KV decode kernel (cpp/decode) ----

@@ -1,27 +1,30 @@
 // Split-KV scheduler kernel: one CTA per schedule.
 //
 // The greedy pass of jax_flashmla/_scheduler.py is serial in partitions (where one ends depends
-// on where the previous one did), but each partition only needs one search in the prefix sums of
-// the request costs. So the CTA
-//   1. scans the costs in parallel (cub),
-//   2. lets one warp walk the partitions, each step a 32-wide search of the prefix array, and
-//      keeps only where each partition starts (request, block),
-//   3. fills every metadata row and every num_splits entry in parallel from those starts.
-// On the H100 (benchmarks/probes/scheduler_probe.cu, launches back to back): 17.6 us for b = 128
-// and 132 partitions, 22.9 us for b = 1024, where a single thread walking requests and
-// partitions took 34.4 and 104 us. What is left is the walk, ~200 cycles per partition.
-//
-// The walk, on a cost line where request i occupies [S_i, S_i + nblk_i + F) (F =
-// kFixedOverheadBlocks, S the exclusive prefix of nblk + F):
-//   - a partition starting at a request boundary (block 0) sits at S_j and covers `budget`;
-//   - one starting inside request j at block blk > 0 sits at S_j + F + blk and covers
-//     budget - F, because that piece pays its fixed overhead again;
+// on where the previous one did). On the cost line, where request i occupies [S_i, S_i + nblk_i
+// + F) (F = kFixedOverheadBlocks, S the exclusive prefix of nblk + F, B the budget):
+//   - a partition starting at a request boundary (block 0) sits at S_j and ends at S_j + B;
+//   - one starting inside request j at block blk > 0 sits at S_j + F + blk and ends B - F later,
+//     because that piece pays its fixed overhead again;
 //   - its end e falls in request j2 (S_j2 <= e < S_j2+1). The requests before j2 are done. If
 //     e - S_j2 <= F the budget left cannot pay j2's overhead plus one block: the partition ends
-//     there and the next starts at (j2, 0) on S_j2. Otherwise it takes e - S_j2 - F blocks of j2
-//     and the next starts at (j2, e - S_j2 - F) on e.
+//     there and the next starts at (j2, 0) on S_j2 (it "snaps" to the boundary). Otherwise it
+//     takes e - S_j2 - F blocks of j2 and the next starts at (j2, e - S_j2 - F) on e.
 // This is the greedy rule restated, and is bit-identical to it (tests/test_gpu.py compares the
 // two on random batches).
+//
+// So after a partition that starts on boundary j, the ends advance by exactly B - F until one
+// snaps, and where the first snap lands depends on j alone. The CTA
+//   1. scans the costs in parallel (cub);
+//   2. links every boundary j to the boundary its run snaps to and the number of partitions of
+//      the run (all threads, one boundary each: a search of the prefix per request crossed);
+//   3. follows the links from boundary 0 (one thread, one shared-memory load per run: the only
+//      serial part, ~P steps where every partition snaps, a few where requests are long);
+//   4. places every partition from its run's boundary and its index in the run (all threads);
+//   5.-7. counts the partitions that start inside a request, and fills every metadata row and
+//      every num_splits entry in parallel from the starts.
+// A batch over kSchedulerSmemRequests keeps its prefix in global memory and places the
+// partitions by the one-warp walk of the rule above, one step per partition (~200 cycles each).
 #pragma once
 
 #include <climits>
@@ -69,8 +72,88 @@ struct SchedulerView {
   }
 };
 
-// The walk (warp 0): writes every partition's start through `view` and returns where it ended.
-// Its steps form one dependent chain, so nothing in a step may wait on memory: the lanes hold a
+// Largest i in [lo, b] with prefix[i] <= e, given prefix[lo] <= e: galloping from lo, since the
+// answer is usually a few requests on. prefix is strictly increasing (every cost >= 1).
+__device__ __forceinline__ int last_at_or_below(const int* prefix, int b, int lo, int e) {
+  int hi = lo + 1;
+  for (int step = 1; hi <= b && prefix[hi] <= e; step *= 2) {
+    lo = hi;
+    hi = lo + step;
+  }
+  hi = min(hi, b + 1);  // prefix[hi] > e, or hi is one past the end
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (prefix[mid] <= e) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Step 2: for every boundary j, the run of partitions that starts there: link[j] = (boundary the
+// run snaps to, or b where it finishes the batch; partitions in the run). Between two boundaries
+// the ends cannot snap, so the search jumps from one request boundary to the next.
+__device__ __forceinline__ void link_boundaries(const int* prefix, int b, int budget, int2* link) {
+  const int stride = budget - kFixedOverheadBlocks;  // >= 1: the budget is ceil(total / P) + F
+  for (int j = threadIdx.x; j < b; j += kSchedulerThreads) {
+    int e = prefix[j] + budget, parts = 1, i = j, next;
+    for (;;) {
+      i = last_at_or_below(prefix, b, i, e);
+      if (i >= b) { next = b; break; }
+      if (e - prefix[i] <= kFixedOverheadBlocks) { next = i; break; }
+      const int t = (prefix[i + 1] - e + stride - 1) / stride;  // ends up to the next boundary
+      e += t * stride;
+      parts += t;
+    }
+    link[j] = make_int2(next, parts);
+  }
+}
+
+// Step 3 (one thread): follows the links from boundary 0 and rewrites link[c] = (boundary, first
+// partition) of the c-th run, in place: the c-th run's boundary is >= c, and the boundaries
+// still to be read are beyond it. link[runs] = (b, partitions used). Returns the number of runs.
+__device__ __forceinline__ int follow_links(int b, int2* link) {
+  int j = 0, part = 0, c = 0;
+  while (j < b) {
+    const int2 l = link[j];
+    link[c++] = make_int2(j, part);
+    part += l.y;
+    j = l.x;
+  }
+  link[c] = make_int2(b, part);
+  return c;
+}
+
+// Step 4: every partition's start from its run: the run's boundary for its first partition;
+// for the m-th after it, where the (m - 1)-th ended (no end before the run's last one snaps).
+// Partitions past the last run are empty. The contract's budget always places every request
+// within num_parts partitions, so the runs never hold more than that.
+__device__ __forceinline__ void place_partitions(const int* prefix, int b, int budget, const int2* runs,
+                                                 int num_runs, SchedulerView& view) {
+  const int stride = budget - kFixedOverheadBlocks;
+  for (int part = threadIdx.x; part < view.num_parts; part += kSchedulerThreads) {
+    int req = b, blk = 0;
+    if (part < runs[num_runs].y) {
+      int lo = 0, hi = num_runs;  // last run that starts at or before `part`
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (runs[mid].y <= part) lo = mid; else hi = mid;
+      }
+      const int j = runs[lo].x, m = part - runs[lo].y;
+      req = j;
+      if (m > 0) {
+        const int e = prefix[j] + budget + (m - 1) * stride;
+        req = last_at_or_below(prefix, b, j, e);
+        blk = e - prefix[req] - kFixedOverheadBlocks;
+      }
+    }
+    view.req[part * view.stride] = req;
+    view.blk[part * view.stride] = blk;
+  }
+  view.end_req = b;
+  view.end_blk = 0;
+}
+
+// The walk of a batch over kSchedulerSmemRequests (warp 0): writes every partition's start
+// through `view` and returns where it ended. Its steps form one dependent chain, so nothing in a step may wait on memory: the lanes hold a
 // window of 32 prefix values in registers (lane i: S[base + i]) and a step is a ballot and a
 // shuffle; the window slides, by a load, only when every value in it is passed. (A shared-memory
 // load per step made a step ~330 cycles: 26 us for 132 partitions on the H100.)
@@ -116,15 +199,22 @@ __device__ __forceinline__ void walk_partitions(const int* prefix, int b, int bu
   view.end_blk = blk;
 }
 
+// Dynamic shared memory of a schedule of `b` requests: the links (b + 1 int2), then the prefix
+// (b + 1 int); none over kSchedulerSmemRequests.
+__host__ __device__ constexpr int scheduler_smem_bytes(int b) {
+  return b <= kSchedulerSmemRequests ? (b + 1) * int(sizeof(int2) + sizeof(int)) : 0;
+}
+
 __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const MetadataParams p) {
   // The decode's attention kernel, launched right after as a programmatic dependent, may take the
   // other SMs now: it waits for this grid to complete before it reads the metadata.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   using BlockScan = cub::BlockScan<int, kSchedulerThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int s_prefix[kSchedulerSmemRequests + 1];
   __shared__ int s_req[kSchedulerSmemParts], s_blk[kSchedulerSmemParts], s_count[kSchedulerSmemParts];
   __shared__ int s_end[2];
+  __shared__ int s_runs;
+  extern __shared__ int2 s_dynamic[];
 
   const int b = p.batch;
   const int* seqlens = p.cache_seqlens + static_cast<size_t>(blockIdx.x) * b;
@@ -132,7 +222,9 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
   int* num_splits = p.num_splits + static_cast<size_t>(blockIdx.x) * (b + 1);
   // S: [b + 1] exclusive prefix of the costs. A batch too large for shared memory keeps it in
   // num_splits, which has the same size and is written only once S is no longer read (step 5).
-  int* prefix = b <= kSchedulerSmemRequests ? s_prefix : num_splits;
+  const bool requests_shared = b <= kSchedulerSmemRequests;
+  int2* link = s_dynamic;  // [b + 1] when requests_shared
+  int* prefix = requests_shared ? reinterpret_cast<int*>(s_dynamic + b + 1) : num_splits;
   const bool parts_shared = p.num_parts <= kSchedulerSmemParts;
   SchedulerView view = parts_shared
       ? SchedulerView{s_req, s_blk, s_count, 1, p.num_parts, 0, 0}
@@ -154,19 +246,28 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
   __syncthreads();
   const int budget = (total + p.num_parts - 1) / p.num_parts + kFixedOverheadBlocks;
 
-  // ---- 2. the walk: one warp, one step per partition ----
-  if (threadIdx.x < 32) {
-    walk_partitions(prefix, b, budget, view);
-    if (threadIdx.x == 0) {
-      s_end[0] = view.end_req;
-      s_end[1] = view.end_blk;
+  // ---- 2.-4. where each partition starts ----
+  if (requests_shared) {
+    link_boundaries(prefix, b, budget, link);
+    __syncthreads();
+    if (threadIdx.x == 0) s_runs = follow_links(b, link);
+    __syncthreads();
+    place_partitions(prefix, b, budget, link, s_runs, view);
+  } else {
+    if (threadIdx.x < 32) {
+      walk_partitions(prefix, b, budget, view);
+      if (threadIdx.x == 0) {
+        s_end[0] = view.end_req;
+        s_end[1] = view.end_blk;
+      }
     }
+    __syncthreads();
+    view.end_req = s_end[0];
+    view.end_blk = s_end[1];
   }
   __syncthreads();
-  view.end_req = s_end[0];
-  view.end_blk = s_end[1];
 
-  // ---- 3. count, per partition, the partitions up to it that start inside a request ----
+  // ---- 5. count, per partition, the partitions up to it that start inside a request ----
   int counted = 0;
   for (int base = 0; base < p.num_parts; base += kSchedulerThreads) {
     const int part = base + threadIdx.x;
@@ -178,7 +279,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
     __syncthreads();
   }
 
-  // ---- 4. metadata rows: a partition runs from its start to the next one's ----
+  // ---- 6. metadata rows: a partition runs from its start to the next one's ----
   // Reads the starts and counts of any partition; writes the other columns of its own row (and,
   // when the starts are in shared memory, its first two).
   auto nblk = [&](int i) { return prefix[i + 1] - prefix[i] - kFixedOverheadBlocks; };
@@ -200,15 +301,15 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
     row[kNumBlocks] = empty ? 0 : blocks_before(min(next_req, b)) - blocks_before(req) - blk + next_blk;
     row[kFirstSlot] = req + view.splits_before(part + 1);
   }
-  __syncthreads();  // S may live in num_splits, which step 5 overwrites
+  __syncthreads();  // S may live in num_splits, which the next step overwrites
 
-  // ---- 5. num_splits: request i has 1 + (partitions starting inside it) pieces ----
+  // ---- 7. num_splits: request i has 1 + (partitions starting inside it) pieces ----
   for (int i = threadIdx.x; i < b; i += kSchedulerThreads) {
     const int starts = min(view.count_starts_below(i, true), p.num_parts);
     num_splits[i + 1] = i + 1 + view.splits_before(starts);
   }
   if (threadIdx.x == 0) num_splits[0] = 0;
-  __syncthreads();  // step 5 read the counts, which may be in the reserved column
+  __syncthreads();  // num_splits read the counts, which may be in the reserved column
 
   for (int part = threadIdx.x; part < p.num_parts; part += kSchedulerThreads) {
     metadata[part * kMetadataCols + kSplitCountCol] = 0;
