@@ -17,9 +17,11 @@
 // snaps, and where the first snap lands depends on j alone. The CTA
 //   1. scans the costs in parallel (cub);
 //   2. links every boundary j to the boundary its run snaps to and the number of partitions of
-//      the run (all threads, one boundary each: a search of the prefix per request crossed);
-//   3. follows the links from boundary 0 (one thread, one shared-memory load per run: the only
-//      serial part, ~P steps where every partition snaps, a few where requests are long);
+//      the run (all threads, one boundary each: a search of the prefix per request crossed, up
+//      to kSchedulerLinkSearches);
+//   3. follows the links from boundary 0 (warp 0, one shared-memory load per run, and a scan of
+//      32 partitions at a time where a run was not linked: the only serial part, ~P steps where
+//      every partition snaps, a few where requests are long);
 //   4. places every partition from its run's boundary and its index in the run (all threads);
 //   5.-7. counts the partitions that start inside a request, and fills every metadata row and
 //      every num_splits entry in parallel from the starts.
@@ -88,37 +90,66 @@ __device__ __forceinline__ int last_at_or_below(const int* prefix, int b, int lo
   return lo;
 }
 
+// A link whose run did not snap within kSchedulerLinkSearches searches: step 3 scans it.
+inline constexpr int kUnlinked = -1;
+
 // Step 2: for every boundary j, the run of partitions that starts there: link[j] = (boundary the
 // run snaps to, or b where it finishes the batch; partitions in the run). Between two boundaries
-// the ends cannot snap, so the search jumps from one request boundary to the next.
+// the ends cannot snap, so each search jumps to the first end at or past the next boundary. A run
+// that crosses more boundaries without snapping (requests shorter than the budget and a snap
+// every few dozen ends, as in varlen batches) is left kUnlinked: most such runs are never used,
+// and step 3 scans the ones it meets 32 partitions at a time.
 __device__ __forceinline__ void link_boundaries(const int* prefix, int b, int budget, int2* link) {
   const int stride = budget - kFixedOverheadBlocks;  // >= 1: the budget is ceil(total / P) + F
   for (int j = threadIdx.x; j < b; j += kSchedulerThreads) {
-    int e = prefix[j] + budget, parts = 1, i = j, next;
-    for (;;) {
+    int e = prefix[j] + budget, parts = 1, i = j;
+    int2 l = make_int2(kUnlinked, 0);
+    for (int search = 0; search < kSchedulerLinkSearches; ++search) {
       i = last_at_or_below(prefix, b, i, e);
-      if (i >= b) { next = b; break; }
-      if (e - prefix[i] <= kFixedOverheadBlocks) { next = i; break; }
+      if (i >= b || e - prefix[i] <= kFixedOverheadBlocks) {
+        l = make_int2(min(i, b), parts);
+        break;
+      }
       const int t = (prefix[i + 1] - e + stride - 1) / stride;  // ends up to the next boundary
       e += t * stride;
       parts += t;
     }
-    link[j] = make_int2(next, parts);
+    link[j] = l;
   }
 }
 
-// Step 3 (one thread): follows the links from boundary 0 and rewrites link[c] = (boundary, first
-// partition) of the c-th run, in place: the c-th run's boundary is >= c, and the boundaries
-// still to be read are beyond it. link[runs] = (b, partitions used). Returns the number of runs.
-__device__ __forceinline__ int follow_links(int b, int2* link) {
+// The run from boundary j, by warp 0: lane m tests the end of its m-th partition, 32 at a time;
+// the first that snaps (or reaches the end of the batch) ends the run. Returns its link.
+__device__ __forceinline__ int2 scan_run(const int* prefix, int b, int budget, int j) {
+  const int lane = threadIdx.x % 32;
+  const int stride = budget - kFixedOverheadBlocks;
+  for (int base = 0;; base += 32) {
+    const int e = prefix[j] + budget + (base + lane) * stride;
+    const int i = last_at_or_below(prefix, b, j, e);
+    const unsigned snaps = __ballot_sync(0xffffffffu, i >= b || e - prefix[i] <= kFixedOverheadBlocks);
+    if (snaps != 0) {
+      const int first = __ffs(snaps) - 1;
+      return make_int2(min(__shfl_sync(0xffffffffu, i, first), b), base + first + 1);
+    }
+  }
+}
+
+// Step 3 (warp 0): follows the links from boundary 0, scanning the unlinked runs it meets, and
+// rewrites link[c] = (boundary, first partition) of the c-th run, in place: the c-th run's
+// boundary is >= c, and the links still to be read are beyond it. link[runs] = (b, partitions
+// used). Returns the number of runs.
+__device__ __forceinline__ int follow_links(const int* prefix, int b, int budget, int2* link) {
   int j = 0, part = 0, c = 0;
   while (j < b) {
-    const int2 l = link[j];
-    link[c++] = make_int2(j, part);
+    int2 l = link[j];
+    if (l.x == kUnlinked) l = scan_run(prefix, b, budget, j);
+    __syncwarp();  // every lane has read link[j] (c may equal j) before lane 0 rewrites link[c]
+    if (threadIdx.x == 0) link[c] = make_int2(j, part);
+    ++c;
     part += l.y;
     j = l.x;
   }
-  link[c] = make_int2(b, part);
+  if (threadIdx.x == 0) link[c] = make_int2(b, part);
   return c;
 }
 
@@ -250,7 +281,10 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
   if (requests_shared) {
     link_boundaries(prefix, b, budget, link);
     __syncthreads();
-    if (threadIdx.x == 0) s_runs = follow_links(b, link);
+    if (threadIdx.x < 32) {
+      const int runs = follow_links(prefix, b, budget, link);
+      if (threadIdx.x == 0) s_runs = runs;
+    }
     __syncthreads();
     place_partitions(prefix, b, budget, link, s_runs, view);
   } else {
