@@ -137,20 +137,30 @@ __device__ __forceinline__ int2 scan_run(const int* prefix, int b, int budget, i
 // Step 3 (warp 0): follows the links from boundary 0, scanning the unlinked runs it meets, and
 // rewrites link[c] = (boundary, first partition) of the c-th run, in place: the c-th run's
 // boundary is >= c, and the links still to be read are beyond it. link[runs] = (b, partitions
-// used). Returns the number of runs.
+// used). Returns the number of runs (in every lane).
+// Lane 0 alone follows linked runs, and alone reads and writes `link`: one load per run on the
+// dependent chain, where a warp-wide step costs twice that in convergence and a broadcast.
 __device__ __forceinline__ int follow_links(const int* prefix, int b, int budget, int2* link) {
+  const int lane = threadIdx.x % 32;
   int j = 0, part = 0, c = 0;
-  while (j < b) {
-    int2 l = link[j];
-    if (l.x == kUnlinked) l = scan_run(prefix, b, budget, j);
-    __syncwarp();  // every lane has read link[j] (c may equal j) before lane 0 rewrites link[c]
-    if (threadIdx.x == 0) link[c] = make_int2(j, part);
+  for (;;) {
+    if (lane == 0) {
+      for (int2 l; j < b && (l = link[j]).x != kUnlinked; j = l.x) {
+        link[c++] = make_int2(j, part);
+        part += l.y;
+      }
+      if (j >= b) link[c] = make_int2(b, part);
+    }
+    j = __shfl_sync(0xffffffffu, j, 0);
+    part = __shfl_sync(0xffffffffu, part, 0);
+    c = __shfl_sync(0xffffffffu, c, 0);
+    if (j >= b) return c;
+    const int2 l = scan_run(prefix, b, budget, j);
+    if (lane == 0) link[c] = make_int2(j, part);
     ++c;
     part += l.y;
     j = l.x;
   }
-  if (threadIdx.x == 0) link[c] = make_int2(b, part);
-  return c;
 }
 
 // Step 4: every partition's start from its run: the run's boundary for its first partition;
