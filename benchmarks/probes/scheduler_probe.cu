@@ -20,10 +20,13 @@ int main() {
   spin<<<132, 32>>>(2000000, dummy); cudaDeviceSynchronize();
   cudaEventRecord(a); spin<<<1, 32>>>(20000000, dummy); cudaEventRecord(b); cudaEventSynchronize(b);
   float ms; cudaEventElapsedTime(&ms, a, b); printf("spin 20M cycles: %.3f ms -> %.2f GHz\n", ms, 20000000 / (ms * 1e6));
-  struct C { int b, parts, maxlen; } cases[] = {{128, 132, 8192}, {128, 1, 8192}, {128, 33, 8192}, {1, 66, 65536}, {1, 1, 65536}, {1024, 132, 4096}};
+  // fixed: every request maxlen tokens (P1/P4-like: every partition ends on a request boundary)
+  struct C { int b, parts, maxlen; bool fixed; } cases[] = {
+      {128, 132, 8192, false}, {128, 1, 8192, false}, {128, 33, 8192, false}, {1, 66, 65536, false},
+      {1, 1, 65536, false},    {1024, 132, 4096, false}, {128, 132, 4096, true}, {128, 66, 4096, true}};
   std::mt19937 rng(1);
   for (auto c : cases) {
-    std::vector<int> lens(c.b); for (int& L : lens) L = rng() % c.maxlen + 1;
+    std::vector<int> lens(c.b); for (int& L : lens) L = c.fixed ? c.maxlen : rng() % c.maxlen + 1;
     int *dl, *dm, *ds; cudaMalloc(&dl, c.b * 4); cudaMalloc(&dm, c.parts * 32); cudaMalloc(&ds, (c.b + 1) * 4);
     cudaMemcpy(dl, lens.data(), c.b * 4, cudaMemcpyHostToDevice);
     jax_flashmla::MetadataParams p{dl, dm, ds, c.b, c.parts, 1};
@@ -34,7 +37,7 @@ int main() {
     for (int i = 0; i < n; ++i) jax_flashmla::run_mla_metadata(p, 0);
     cudaEventRecord(b); cudaEventSynchronize(b);
     cudaEventElapsedTime(&ms, a, b);
-    printf("b=%d parts=%d: %.2f us per launch (%s)\n", c.b, c.parts, ms * 1e3 / n, cudaGetErrorString(cudaGetLastError()));
+    printf("b=%d parts=%d%s: %.2f us per launch (%s)\n", c.b, c.parts, c.fixed ? " fixed" : "", ms * 1e3 / n, cudaGetErrorString(cudaGetLastError()));
   }
   return 0;
 }

@@ -145,9 +145,15 @@ __device__ __forceinline__ int follow_links(const int* prefix, int b, int budget
   int j = 0, part = 0, c = 0;
   for (;;) {
     if (lane == 0) {
-      for (int2 l; j < b && (l = link[j]).x != kUnlinked; j = l.x) {
-        link[c++] = make_int2(j, part);
+      while (j < b) {
+        const int2 l = link[j];
+        // Written before the test, so that the store does not wait for the load; an unlinked run
+        // rewrites the same entry once it is scanned.
+        link[c] = make_int2(j, part);
+        if (l.x == kUnlinked) break;
+        ++c;
         part += l.y;
+        j = l.x;
       }
       if (j >= b) link[c] = make_int2(b, part);
     }
