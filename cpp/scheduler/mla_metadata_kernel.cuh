@@ -118,20 +118,35 @@ __device__ __forceinline__ void link_boundaries(const int* prefix, int b, int bu
   }
 }
 
-// The run from boundary j, by warp 0: lane m tests the end of its m-th partition, 32 at a time;
-// the first that snaps (or reaches the end of the batch) ends the run. Returns its link.
+// The run from boundary j, by warp 0. Its ends form the progression e_m = S_j + B + m (B - F)
+// until one snaps, so each boundary i > j can tell on its own which end of the run it would snap
+// (the first end at or past S_i, if within F of it): the lanes take 32 boundaries at a time, with
+// no dependent search, and the first boundary that snaps an end gives the run's (boundaries are
+// sorted, and so are the ends they snap). A run that reaches the end of the batch first ends
+// there. Returns its link.
 __device__ __forceinline__ int2 scan_run(const int* prefix, int b, int budget, int j) {
   const int lane = threadIdx.x % 32;
   const int stride = budget - kFixedOverheadBlocks;
-  for (int base = 0;; base += 32) {
-    const int e = prefix[j] + budget + (base + lane) * stride;
-    const int i = last_at_or_below(prefix, b, j, e);
-    const unsigned snaps = __ballot_sync(0xffffffffu, i >= b || e - prefix[i] <= kFixedOverheadBlocks);
+  const int e0 = prefix[j] + budget;
+  const int total = prefix[b];
+  const int m_end = e0 >= total ? 0 : (total - e0 + stride - 1) / stride;  // first end past the batch
+  const int last_end = e0 + m_end * stride;
+  for (int base = j + 1; base < b; base += 32) {
+    const int i = base + lane;
+    const int s = i < b ? prefix[i] : INT_MAX;
+    const int m = i < b && s > e0 ? (s - e0 + stride - 1) / stride : 0;  // the first end at or past S_i
+    const unsigned snaps = __ballot_sync(0xffffffffu, i < b && e0 + m * stride - s <= kFixedOverheadBlocks);
     if (snaps != 0) {
       const int first = __ffs(snaps) - 1;
-      return make_int2(min(__shfl_sync(0xffffffffu, i, first), b), base + first + 1);
+      const int m_snap = __shfl_sync(0xffffffffu, m, first);
+      if (m_snap >= m_end) break;
+      // The end snaps to the last boundary at or below it (another may lie within F after S_i).
+      const int e = e0 + m_snap * stride;
+      return make_int2(last_at_or_below(prefix, b, __shfl_sync(0xffffffffu, i, first), e), m_snap + 1);
     }
+    if (__shfl_sync(0xffffffffu, s, 31) > last_end) break;  // the next boundaries lie past the run
   }
+  return make_int2(b, m_end + 1);
 }
 
 // Step 3 (warp 0): follows the links from boundary 0, scanning the unlinked runs it meets, and
@@ -144,19 +159,27 @@ __device__ __forceinline__ int follow_links(const int* prefix, int b, int budget
   const int lane = threadIdx.x % 32;
   int j = 0, part = 0, c = 0;
   for (;;) {
-    if (lane == 0) {
-      while (j < b) {
+    if (lane == 0 && j < b) {
+      for (;;) {
         const int2 l = link[j];
         // Written before the test, so that the store does not wait for the load; an unlinked run
         // rewrites the same entry once it is scanned.
         link[c] = make_int2(j, part);
-        if (l.x == kUnlinked) break;
+        // One test on the chain for both exits: unlinked (-1) or the end of the batch (b).
+        if (static_cast<unsigned>(l.x) >= static_cast<unsigned>(b)) {
+          if (l.x == b) {
+            ++c;
+            part += l.y;
+            j = b;
+          }
+          break;
+        }
         ++c;
         part += l.y;
         j = l.x;
       }
-      if (j >= b) link[c] = make_int2(b, part);
     }
+    if (lane == 0 && j >= b) link[c] = make_int2(b, part);
     j = __shfl_sync(0xffffffffu, j, 0);
     part = __shfl_sync(0xffffffffu, part, 0);
     c = __shfl_sync(0xffffffffu, c, 0);
