@@ -26,11 +26,6 @@ inline constexpr int kSchedulerThreads = 256;
 // between request boundaries. A larger batch keeps the prefix in its num_splits output and one
 // warp walks the partitions one by one, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
-// Prefix searches per boundary when linking it to where its run of partitions snaps (run by every
-// thread at once, ~1000 cycles each on the H100 for a batch of 1024): one links every run of a
-// batch whose partitions all end on request boundaries; longer runs are scanned, 32 boundaries a
-// warp step, while the links are followed.
-inline constexpr int kSchedulerLinkSearches = 1;
 // Partitions whose starts are kept in shared memory (3 x 4 KiB of static shared memory); more are
 // kept in the metadata rows.
 inline constexpr int kSchedulerSmemParts = 1024;

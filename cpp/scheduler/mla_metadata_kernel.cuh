@@ -16,9 +16,8 @@
 // So after a partition that starts on boundary j, the ends advance by exactly B - F until one
 // snaps, and where the first snap lands depends on j alone. The CTA
 //   1. scans the costs in parallel (cub);
-//   2. links every boundary j to the boundary its run snaps to and the number of partitions of
-//      the run (all threads, one boundary each: a search of the prefix per request crossed, up
-//      to kSchedulerLinkSearches);
+//   2. links every boundary j whose run snaps at its first end to the boundary it snaps to (all
+//      threads, one boundary each: one search of the prefix);
 //   3. follows the links from boundary 0 (warp 0, one shared-memory load per run, and a scan of
 //      32 partitions at a time where a run was not linked: the only serial part, ~P steps where
 //      every partition snaps, a few where requests are long);
@@ -74,15 +73,32 @@ struct SchedulerView {
   }
 };
 
-// Largest i in [lo, b] with prefix[i] <= e, given prefix[lo] <= e: galloping from lo, since the
-// answer is usually a few requests on. prefix is strictly increasing (every cost >= 1).
-__device__ __forceinline__ int last_at_or_below(const int* prefix, int b, int lo, int e) {
-  int hi = lo + 1;
-  for (int step = 1; hi <= b && prefix[hi] <= e; step *= 2) {
-    lo = hi;
-    hi = lo + step;
+// Largest i in [lo, b] with prefix[i] <= e, given prefix[lo] <= e. prefix is strictly
+// increasing (every cost >= 1). The search gallops up or down from `guess` (clamped to [lo, b]),
+// then bisects: each step is a dependent shared-memory load (~100-150 cycles with its branch on
+// the H100), and a guess from the mean cost is usually within a few requests.
+__device__ __forceinline__ int last_at_or_below(const int* prefix, int b, int lo, int e, int guess) {
+  const int g = min(max(guess, lo), b);
+  int hi = b + 1;  // prefix[lo] <= e < prefix[hi], with prefix[b + 1] read as +inf
+  if (prefix[g] <= e) {
+    lo = g;
+    for (int step = 1; lo + step <= b; step *= 2) {
+      if (prefix[lo + step] > e) {
+        hi = lo + step;
+        break;
+      }
+      lo += step;
+    }
+  } else {
+    hi = g;
+    for (int step = 1; hi - step > lo; step *= 2) {
+      if (prefix[hi - step] <= e) {
+        lo = hi - step;
+        break;
+      }
+      hi -= step;
+    }
   }
-  hi = min(hi, b + 1);  // prefix[hi] > e, or hi is one past the end
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
     if (prefix[mid] <= e) lo = mid; else hi = mid;
@@ -90,31 +106,26 @@ __device__ __forceinline__ int last_at_or_below(const int* prefix, int b, int lo
   return lo;
 }
 
-// A link whose run did not snap within kSchedulerLinkSearches searches: step 3 scans it.
+// Where a search for the request holding cost position e starts, from a request j at or before
+// it: requests_per_cost = b / total, the inverse of the mean cost.
+__device__ __forceinline__ int guess_request(const int* prefix, int j, int e, float requests_per_cost) {
+  return j + static_cast<int>(static_cast<float>(e - prefix[j]) * requests_per_cost);
+}
+
+// A boundary whose run does not snap at its first end: step 3 scans that run.
 inline constexpr int kUnlinked = -1;
 
-// Step 2: for every boundary j, the run of partitions that starts there: link[j] = (boundary the
-// run snaps to, or b where it finishes the batch; partitions in the run). Between two boundaries
-// the ends cannot snap, so each search jumps to the first end at or past the next boundary. A run
-// that crosses more boundaries without snapping (requests shorter than the budget and a snap
-// every few dozen ends, as in varlen batches) is left kUnlinked: most such runs are never used,
-// and step 3 scans the ones it meets 32 partitions at a time.
-__device__ __forceinline__ void link_boundaries(const int* prefix, int b, int budget, int2* link) {
-  const int stride = budget - kFixedOverheadBlocks;  // >= 1: the budget is ceil(total / P) + F
+// Step 2: for every boundary j whose run of partitions snaps at its first end (or finishes the
+// batch), link[j] = (the boundary it snaps to, or b; 1 partition): in a batch of equal requests
+// that is every run. Longer runs (requests shorter than the budget, and a snap every few dozen
+// ends, as in varlen batches) are left kUnlinked: most are never used, and step 3 scans the ones
+// it meets.
+__device__ __forceinline__ void link_boundaries(const int* prefix, int b, int budget, float requests_per_cost,
+                                                int2* link) {
   for (int j = threadIdx.x; j < b; j += kSchedulerThreads) {
-    int e = prefix[j] + budget, parts = 1, i = j;
-    int2 l = make_int2(kUnlinked, 0);
-    for (int search = 0; search < kSchedulerLinkSearches; ++search) {
-      i = last_at_or_below(prefix, b, i, e);
-      if (i >= b || e - prefix[i] <= kFixedOverheadBlocks) {
-        l = make_int2(min(i, b), parts);
-        break;
-      }
-      const int t = (prefix[i + 1] - e + stride - 1) / stride;  // ends up to the next boundary
-      e += t * stride;
-      parts += t;
-    }
-    link[j] = l;
+    const int e = prefix[j] + budget;
+    const int i = last_at_or_below(prefix, b, j, e, guess_request(prefix, j, e, requests_per_cost));
+    link[j] = i >= b || e - prefix[i] <= kFixedOverheadBlocks ? make_int2(i, 1) : make_int2(kUnlinked, 0);
   }
 }
 
@@ -142,7 +153,8 @@ __device__ __forceinline__ int2 scan_run(const int* prefix, int b, int budget, i
       if (m_snap >= m_end) break;
       // The end snaps to the last boundary at or below it (another may lie within F after S_i).
       const int e = e0 + m_snap * stride;
-      return make_int2(last_at_or_below(prefix, b, __shfl_sync(0xffffffffu, i, first), e), m_snap + 1);
+      const int i_snap = __shfl_sync(0xffffffffu, i, first);
+      return make_int2(last_at_or_below(prefix, b, i_snap, e, i_snap), m_snap + 1);
     }
     if (__shfl_sync(0xffffffffu, s, 31) > last_end) break;  // the next boundaries lie past the run
   }
@@ -196,8 +208,8 @@ __device__ __forceinline__ int follow_links(const int* prefix, int b, int budget
 // for the m-th after it, where the (m - 1)-th ended (no end before the run's last one snaps).
 // Partitions past the last run are empty. The contract's budget always places every request
 // within num_parts partitions, so the runs never hold more than that.
-__device__ __forceinline__ void place_partitions(const int* prefix, int b, int budget, const int2* runs,
-                                                 int num_runs, SchedulerView& view) {
+__device__ __forceinline__ void place_partitions(const int* prefix, int b, int budget, float requests_per_cost,
+                                                 const int2* runs, int num_runs, SchedulerView& view) {
   const int stride = budget - kFixedOverheadBlocks;
   for (int part = threadIdx.x; part < view.num_parts; part += kSchedulerThreads) {
     int req = b, blk = 0;
@@ -211,7 +223,7 @@ __device__ __forceinline__ void place_partitions(const int* prefix, int b, int b
       req = j;
       if (m > 0) {
         const int e = prefix[j] + budget + (m - 1) * stride;
-        req = last_at_or_below(prefix, b, j, e);
+        req = last_at_or_below(prefix, b, j, e, guess_request(prefix, j, e, requests_per_cost));
         blk = e - prefix[req] - kFixedOverheadBlocks;
       }
     }
@@ -318,14 +330,15 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
 
   // ---- 2.-4. where each partition starts ----
   if (requests_shared) {
-    link_boundaries(prefix, b, budget, link);
+    const float requests_per_cost = static_cast<float>(b) / static_cast<float>(total);
+    link_boundaries(prefix, b, budget, requests_per_cost, link);
     __syncthreads();
     if (threadIdx.x < 32) {
       const int runs = follow_links(prefix, b, budget, link);
       if (threadIdx.x == 0) s_runs = runs;
     }
     __syncthreads();
-    place_partitions(prefix, b, budget, link, s_runs, view);
+    place_partitions(prefix, b, budget, requests_per_cost, link, s_runs, view);
   } else {
     if (threadIdx.x < 32) {
       walk_partitions(prefix, b, budget, view);
