@@ -26,6 +26,11 @@ inline constexpr int kSchedulerThreads = 256;
 // between request boundaries. A larger batch keeps the prefix in its num_splits output and one
 // warp walks the partitions one by one, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
+// Requests per partition up to which the partitions are placed by links between request
+// boundaries. With more, most runs of partitions between two boundaries are a few partitions
+// long and the one-warp walk is faster (H100, benchmarks/probes/scheduler_probe.cu: b = 1024 on
+// 132 partitions 23.0 us walked, 25.5 linked; b = 128 on 132, 17.4 -> 8.5 us fixed lengths).
+inline constexpr int kSchedulerLinkRequestsPerPart = 2;
 // Partitions whose starts are kept in shared memory (3 x 4 KiB of static shared memory); more are
 // kept in the metadata rows.
 inline constexpr int kSchedulerSmemParts = 1024;

@@ -24,8 +24,10 @@
 //   4. places every partition from its run's boundary and its index in the run (all threads);
 //   5.-7. counts the partitions that start inside a request, and fills every metadata row and
 //      every num_splits entry in parallel from the starts.
-// A batch over kSchedulerSmemRequests keeps its prefix in global memory and places the
-// partitions by the one-warp walk of the rule above, one step per partition (~200 cycles each).
+// A batch over kSchedulerSmemRequests, or of more than kSchedulerLinkRequestsPerPart requests per
+// partition (whose runs are short: a scan costs ~1000 cycles a run), places the partitions by
+// the one-warp walk of the rule above instead, one step per partition (~200 cycles each), with
+// its prefix in global memory when it does not fit in shared memory.
 #pragma once
 
 #include <climits>
@@ -331,7 +333,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
   const int budget = (total + p.num_parts - 1) / p.num_parts + kFixedOverheadBlocks;
 
   // ---- 2.-4. where each partition starts ----
-  if (requests_shared) {
+  if (requests_shared && (b + kSchedulerLinkRequestsPerPart - 1) / kSchedulerLinkRequestsPerPart <= p.num_parts) {
     const float requests_per_cost = static_cast<float>(b) / static_cast<float>(total);
     link_boundaries(prefix, b, budget, requests_per_cost, link);
     __syncthreads();
