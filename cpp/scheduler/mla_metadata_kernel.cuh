@@ -18,9 +18,9 @@
 //   1. scans the costs in parallel (cub);
 //   2. links every boundary j whose run snaps at its first end to the boundary it snaps to (all
 //      threads, one boundary each: one search of the prefix);
-//   3. follows the links from boundary 0 (warp 0, one shared-memory load per run, and a scan of
-//      32 partitions at a time where a run was not linked: the only serial part, ~P steps where
-//      every partition snaps, a few where requests are long);
+//   3. follows the links from boundary 0 (warp 0: one shared-memory load per linked run, and a
+//      scan of the request boundaries, 32 per warp step, where a run was not linked; the only
+//      serial part, ~P steps where every partition snaps, a few where runs are long);
 //   4. places every partition from its run's boundary and its index in the run (all threads);
 //   5.-7. counts the partitions that start inside a request, and fills every metadata row and
 //      every num_splits entry in parallel from the starts.
