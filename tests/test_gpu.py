@@ -50,7 +50,13 @@ def test_targets_registered_for_this_gpu():
     assert jf.device_num_sm() == jax.devices()[0].core_count
 
 
-@pytest.mark.parametrize("b, high, zeros", [(1, 100_000, 0.0), (128, 9000, 0.0), (1024, 300, 0.0), (256, 6000, 0.8), (9000, 70_000, 0.1), (3, 0, 1.0)])
+# 264 and 265 requests on 132 partitions (rows = 1) sit on either side of the kernel's switch from
+# links between request boundaries to the one-warp walk (kSchedulerLinkRequestsPerPart = 2).
+@pytest.mark.parametrize(
+    "b, high, zeros",
+    [(1, 100_000, 0.0), (128, 9000, 0.0), (1024, 300, 0.0), (256, 6000, 0.8), (9000, 70_000, 0.1), (3, 0, 1.0),
+     (264, 9000, 0.0), (265, 9000, 0.0)],
+)
 @pytest.mark.parametrize("rows, h_kv", [(1, 1), (128, 1), (16, 8), (512, 1)])
 def test_metadata_kernel_is_bit_identical_to_jax(b, high, zeros, rows, h_kv):
     seed = fresh_seed()
