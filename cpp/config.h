@@ -22,9 +22,8 @@ inline constexpr int kMetadataCols = 8;
 // Scheduler kernel: threads that scan the request costs and fill the rows in parallel.
 inline constexpr int kSchedulerThreads = 256;
 // Requests whose cost prefix and boundary links (12 bytes a request, dynamic shared memory: 96 KiB
-// at this size) are kept in shared memory, where the partitions are placed by following links
-// between request boundaries. A larger batch keeps the prefix in its num_splits output and one
-// warp walks the partitions one by one, at global-memory latency.
+// at this size) are kept in shared memory. A larger batch keeps the prefix in its num_splits
+// output and one warp walks the partitions one by one, at global-memory latency.
 inline constexpr int kSchedulerSmemRequests = 8192;
 // Requests per partition up to which the partitions are placed by links between request
 // boundaries. With more, most runs of partitions between two boundaries are a few partitions

@@ -238,11 +238,12 @@ __device__ __forceinline__ void place_partitions(const int* prefix, int b, int b
   view.end_blk = 0;
 }
 
-// The walk of a batch over kSchedulerSmemRequests (warp 0): writes every partition's start
-// through `view` and returns where it ended. Its steps form one dependent chain, so nothing in a step may wait on memory: the lanes hold a
-// window of 32 prefix values in registers (lane i: S[base + i]) and a step is a ballot and a
-// shuffle; the window slides, by a load, only when every value in it is passed. (A shared-memory
-// load per step made a step ~330 cycles: 26 us for 132 partitions on the H100.)
+// The walk (warp 0), for a batch over kSchedulerSmemRequests or of many requests per partition:
+// writes every partition's start through `view` and returns where it ended. Its steps form one
+// dependent chain, so nothing in a step may wait on memory: the lanes hold a window of 32 prefix
+// values in registers (lane i: S[base + i]) and a step is a ballot and a shuffle; the window
+// slides, by a load, only when every value in it is passed. (A shared-memory load per step made
+// a step ~330 cycles: 26 us for 132 partitions on the H100.)
 __device__ __forceinline__ void walk_partitions(const int* prefix, int b, int budget, SchedulerView& view) {
   const int lane = threadIdx.x % 32;
   auto window_at = [&](int base) { return base + lane <= b ? prefix[base + lane] : INT_MAX; };
@@ -307,7 +308,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) mla_metadata_kernel(const M
   int* metadata = p.metadata + static_cast<size_t>(blockIdx.x) * p.num_parts * kMetadataCols;
   int* num_splits = p.num_splits + static_cast<size_t>(blockIdx.x) * (b + 1);
   // S: [b + 1] exclusive prefix of the costs. A batch too large for shared memory keeps it in
-  // num_splits, which has the same size and is written only once S is no longer read (step 5).
+  // num_splits, which has the same size and is written only once S is no longer read (step 7).
   const bool requests_shared = b <= kSchedulerSmemRequests;
   int2* link = s_dynamic;  // [b + 1] when requests_shared
   int* prefix = requests_shared ? reinterpret_cast<int*>(s_dynamic + b + 1) : num_splits;
