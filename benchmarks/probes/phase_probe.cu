@@ -108,6 +108,20 @@ void run_cell(const Cell& c, int num_sm) {
   }
   std::printf("  %-12s  wg0 %7.0f cyc/block  wg1 %7.0f  (blocks per CTA-warpgroup total %llu)\n", "sum", total[0],
               total[1], got[kNumPhases][0] / reps);
+  // Pieces of the schedule (every row block walks them all): the per-piece phases above are
+  // amortised per block, so a piece costs (piece start + Q load + epilogue) x blocks / pieces.
+  std::vector<int> meta(size_t(parts) * kMetadataCols);
+  cudaMemcpy(meta.data(), d_meta, meta.size() * 4, cudaMemcpyDeviceToHost);
+  long long pieces = 0;
+  for (int i = 0; i < parts; ++i) {
+    const int* m = &meta[size_t(i) * kMetadataCols];
+    if (m[kFirstReq] < c.b) pieces += m[kLastReq] - m[kFirstReq] + 1;
+  }
+  const double blocks = double(got[kNumPhases][0]) / reps;
+  const double per_piece = (got[decode::kPhPieceStart][0] + got[decode::kPhQLoad][0] + got[decode::kPhEpilogue][0] +
+                            got[decode::kPhEpiBarrier][0]) / double(reps) / double(pieces * row_blocks);
+  std::printf("  pieces %lld (x %d row blocks), blocks per piece %.1f; wg0 piece overhead %.0f cyc per piece\n",
+              pieces, row_blocks, blocks / double(pieces * row_blocks), per_piece);
   unsigned long long rf[decode::kNumRefillPhases + 1];
   cudaMemcpyFromSymbol(rf, decode::g_refill_cycles, sizeof(rf));
   const double refills = rf[decode::kNumRefillPhases] > 0 ? double(rf[decode::kNumRefillPhases]) : 1.0;
@@ -156,6 +170,7 @@ int main() {
       {"P4", 128, 1, 128, 4096, false},
       {"P8", 1, 1, 128, 65536, false},
       {"P10", 32, 4, 32, 4096, true},
+      {"P6", 128, 2, 128, 8192, true},
   };
   for (const Cell& c : cells) run_cell(c, num_sm);
   return 0;
