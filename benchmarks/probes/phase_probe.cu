@@ -108,15 +108,12 @@ void run_cell(const Cell& c, int num_sm) {
   }
   std::printf("  %-12s  wg0 %7.0f cyc/block  wg1 %7.0f  (blocks per CTA-warpgroup total %llu)\n", "sum", total[0],
               total[1], got[kNumPhases][0] / reps);
-  // Pieces of the schedule (every row block walks them all): the per-piece phases above are
-  // amortised per block, so a piece costs (piece start + Q load + epilogue) x blocks / pieces.
-  std::vector<int> meta(size_t(parts) * kMetadataCols);
-  cudaMemcpy(meta.data(), d_meta, meta.size() * 4, cudaMemcpyDeviceToHost);
-  long long pieces = 0;
-  for (int i = 0; i < parts; ++i) {
-    const int* m = &meta[size_t(i) * kMetadataCols];
-    if (m[kFirstReq] < c.b) pieces += m[kLastReq] - m[kFirstReq] + 1;
-  }
+  // Pieces of the schedule (num_splits[b]; every row block walks them all): the per-piece phases
+  // above are amortised per block, so a piece costs (piece start + Q load + epilogue) x blocks /
+  // pieces.
+  int splits_total = 0;
+  cudaMemcpy(&splits_total, d_splits + c.b, sizeof(int), cudaMemcpyDeviceToHost);
+  const long long pieces = splits_total;
   const double blocks = double(got[kNumPhases][0]) / reps;
   const double per_piece = (got[decode::kPhPieceStart][0] + got[decode::kPhQLoad][0] + got[decode::kPhEpilogue][0] +
                             got[decode::kPhEpiBarrier][0]) / double(reps) / double(pieces * row_blocks);
