@@ -153,12 +153,9 @@ __device__ __forceinline__ int2 scan_run(const int* prefix, int b, int budget, i
       const int first = __ffs(snaps) - 1;
       const int m_snap = __shfl_sync(0xffffffffu, m, first);
       if (m_snap >= m_end) break;
-      // The end snaps to the last boundary at or below it (another may lie within F after S_i):
-      // in this window unless the window's last boundary is at or below it too.
-      const int e = e0 + m_snap * stride;
-      const int last = 31 - __clz(__ballot_sync(0xffffffffu, i < b && s <= e));
-      const int i_snap = last < 31 ? base + last : last_at_or_below(prefix, b, base + last, e, base + last);
-      return make_int2(i_snap, m_snap + 1);
+      // An end snaps to the last boundary at or below it, and that is this one: the next boundary
+      // lies at least F + 1 past it (every request costs at least F + 1), so past the end.
+      return make_int2(base + first, m_snap + 1);
     }
     if (__shfl_sync(0xffffffffu, s, 31) > last_end) break;  // the next boundaries lie past the run
   }
