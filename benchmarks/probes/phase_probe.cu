@@ -27,7 +27,8 @@ struct Cell {
   bool causal;
 };
 
-const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epi stores", "epi barrier", "Q load"};
+const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epi stores", "epi barrier", "Q load", "epi setup",
+                            "epi repeat", "epi LSE"};
 
 void run_cell(const Cell& c, int num_sm) {
   const int rows = c.s_q * c.h_q;  // h_kv = 1
@@ -115,10 +116,18 @@ void run_cell(const Cell& c, int num_sm) {
   cudaMemcpy(&splits_total, d_splits + c.b, sizeof(int), cudaMemcpyDeviceToHost);
   const long long pieces = splits_total;
   const double blocks = double(got[kNumPhases][0]) / reps;
+  const double piece_div = double(reps) * double(pieces * row_blocks);
   const double per_piece = (got[decode::kPhPieceStart][0] + got[decode::kPhQLoad][0] + got[decode::kPhEpilogue][0] +
-                            got[decode::kPhEpiBarrier][0]) / double(reps) / double(pieces * row_blocks);
+                            got[decode::kPhEpiBarrier][0] + got[decode::kPhEpiSetup][0] + got[decode::kPhEpiLse][0]) /
+                           piece_div;
   std::printf("  pieces %lld (x %d row blocks), blocks per piece %.1f; wg0 piece overhead %.0f cyc per piece\n",
               pieces, row_blocks, blocks / double(pieces * row_blocks), per_piece);
+  // The epilogue per piece, by part (warpgroup 0): the repeat is non-zero only in a build with
+  // JAX_FLASHMLA_PROBE_EPI_TWICE, and is not in the piece overhead above.
+  std::printf("  epilogue per piece, wg0: barrier %.0f, setup %.0f, stores %.0f, repeat %.0f, LSE %.0f cyc\n",
+              got[decode::kPhEpiBarrier][0] / piece_div, got[decode::kPhEpiSetup][0] / piece_div,
+              got[decode::kPhEpilogue][0] / piece_div, got[decode::kPhEpiRepeat][0] / piece_div,
+              got[decode::kPhEpiLse][0] / piece_div);
   unsigned long long rf[decode::kNumRefillPhases + 1];
   cudaMemcpyFromSymbol(rf, decode::g_refill_cycles, sizeof(rf));
   const double refills = rf[decode::kNumRefillPhases] > 0 ? double(rf[decode::kNumRefillPhases]) : 1.0;

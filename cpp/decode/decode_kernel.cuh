@@ -214,7 +214,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
       clk.count_block();
     }
     write_piece(p, smem, tOrO, cO, st, rows, wg, tg, clk);
-    clk.mark(kPhEpilogue);
+    clk.mark(kPhEpiLse);
   }
   clk.finish();
 }

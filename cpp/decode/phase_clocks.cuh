@@ -18,9 +18,12 @@ enum Phase : int {
   kPhSoftmax,        // exp2, P to shared memory, p_full; rescale O
   kPhPV,             // PV issue + completion
   kPhPieceStart,     // piece setup: barrier, block-table check
-  kPhEpilogue,       // write_piece: stores after the row-sum barrier
+  kPhEpilogue,       // write_piece: the staged output stores
   kPhEpiBarrier,     // write_piece: row sums, row-sum barrier
   kPhQLoad,          // the synchronous Q load of a piece
+  kPhEpiSetup,       // write_piece: 1 / l, LSE, each row's destination, after the row-sum barrier
+  kPhEpiRepeat,      // probe builds with JAX_FLASHMLA_PROBE_EPI_TWICE: the stores once more (warm)
+  kPhEpiLse,         // write_piece: the LSE stores, to the end of the piece
   kNumPhases
 };
 
