@@ -14,7 +14,8 @@
 # Builds every .variants/NAME side by side, runs each one's standalone decode harness (float64
 # CPU reference, poisoned inputs: a variant that fails it is not timed), then times each with
 # THIS tree's benchmarks/decode_bench.py on $AB_CELLS (same protocol, same tool for all), and
-# prints benchmarks/compare.py's table last. JSON per variant goes to $OUT.
+# prints benchmarks/compare.py's table last. JSON per variant goes to $OUT, the logs into
+# $OUT/logs.tgz (scripts/pack_out.sh: the device tool brings back 8 files).
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
@@ -74,4 +75,8 @@ for name in "${names[@]}"; do
 done
 
 echo "== summary"
-if [ ${#jsons[@]} -gt 0 ]; then python3 benchmarks/compare.py "${jsons[@]}"; else echo "no variant was timed"; exit 1; fi
+rc=1
+if [ ${#jsons[@]} -gt 0 ]; then python3 benchmarks/compare.py "${jsons[@]}"; rc=$?; else echo "no variant was timed"; fi
+# The device tool returns 8 files: the JSON, and the logs in one archive.
+bash "$ROOT/scripts/pack_out.sh" "$OUT"
+exit $rc

@@ -156,3 +156,6 @@ for log in pytest_gpu pytest_gpu_nn pytest_suite pytest_grid; do
   [ -f "$OUT/$log.log" ] && printf '%-13s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
 done
 for k in "${!status[@]}"; do printf '%-24s rc=%s\n' "$k" "${status[$k]}"; done | sort
+# The device tool returns 8 files: the JSON and PNG results, and the logs in one archive
+# (PACK_OUT=0 keeps them loose, for a later phase in the same call that reads them).
+if [ "${PACK_OUT:-1}" = 1 ]; then bash scripts/pack_out.sh "$OUT"; fi
