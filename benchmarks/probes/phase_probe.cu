@@ -27,8 +27,9 @@ struct Cell {
   bool causal;
 };
 
-const char* kPhaseNames[] = {"K wait", "QK^T", "row max", "softmax+P", "PV+release", "piece start", "epi stores", "epi barrier", "Q load", "epi setup",
-                            "epi repeat", "epi LSE"};
+const char* kPhaseNames[] = {"K wait",     "QK^T",        "row max", "softmax+P", "PV+release", "piece start",
+                             "epi stores", "epi barrier", "Q load",  "epi setup", "epi repeat", "epi LSE"};
+static_assert(sizeof(kPhaseNames) / sizeof(kPhaseNames[0]) == kNumPhases, "a name per phase");
 
 void run_cell(const Cell& c, int num_sm) {
   const int rows = c.s_q * c.h_q;  // h_kv = 1

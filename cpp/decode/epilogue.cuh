@@ -179,20 +179,19 @@ __device__ void write_piece(const DecodeParams& p, SharedStorage<T>& smem, const
   static_assert(kConsumerWarps * kEpiWarpBytes <= int(sizeof(smem.q)), "every warp's staging slice fits in Q");
   char* stage_buf = reinterpret_cast<char*>(smem.q) + (threadIdx.x / 32) * kEpiWarpBytes;
   clk.mark(kPhEpiSetup);
-  if (tg.split) {
-    store_rows_staged<float>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
-  } else {
-    store_rows_staged<T>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
-  }
+  const auto store_rows = [&] {
+    if (tg.split) {
+      store_rows_staged<float>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
+    } else {
+      store_rows_staged<T>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
+    }
+  };
+  store_rows();
   clk.mark(kPhEpilogue);
 #ifdef JAX_FLASHMLA_PROBE_EPI_TWICE
   // Probe only: the same stores again, now with their code and addresses warm. If this pass is
   // much cheaper than the first, the first paid for cold instructions, not for the bytes.
-  if (tg.split) {
-    store_rows_staged<float>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
-  } else {
-    store_rows_staged<T>(o, cO, inv_l, slab_row0, stage_buf, row_dst, valid_rows);
-  }
+  store_rows();
   clk.mark(kPhEpiRepeat);
 #endif
 
