@@ -10,6 +10,12 @@ cell runs in a child process under ``ncu --clock-control none --metrics gpu__tim
 streams a cache much larger than L2 sees). ncu serialises kernels, so the combine's overlap with
 the attention (programmatic dependent launch) is not in these numbers. Reported: the median over
 ``reps`` calls of one jitted metadata + one decode call on layer 0's inputs.
+
+``--traffic``: the DRAM bytes each kernel reads and writes inside the benchmark's own 16-layer
+step (``decode_bench.flashmla_step``), with ncu's ``--cache-control none``: L2 keeps what the
+previous kernel left in it, as in a real step, so data one kernel leaves dirty in L2 and a later
+one's stream evicts shows up as the later kernel's DRAM writes. Reported per layer (the mean over
+the layers of the last of ``reps`` steps): time, DRAM MB read and written, per kernel.
 """
 
 from __future__ import annotations
@@ -54,6 +60,67 @@ def child(cell_name: str, reps: int) -> None:
         jax.block_until_ready(compiled(*args))
 
 
+def child_traffic(cell_name: str, reps: int) -> None:
+    """Runs inside ncu: ``reps`` whole 16-layer steps of the benchmark."""
+    import jax
+
+    from cells import parse_cell
+    from decode_bench import flashmla_step, make_inputs
+    import jax.numpy as jnp
+
+    cell = parse_cell(cell_name)
+    args = make_inputs(cell, jnp.bfloat16)
+    compiled = jax.jit(flashmla_step(cell)).lower(*args).compile()
+    for _ in range(reps):
+        jax.block_until_ready(compiled(*args))
+
+
+TRAFFIC_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum")
+BYTE_UNITS = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
+
+
+def parse_traffic_csv(text: str) -> list:
+    """[(kernel, {metric: value})] in launch order; us for time, MB for bytes."""
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    launches: dict = {}
+    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+        metric = rec.get("Metric Name")
+        if metric not in TRAFFIC_METRICS:
+            continue
+        kernel = next((k for k in KERNELS if k in rec["Kernel Name"]), None)
+        if kernel is None:
+            continue
+        value = float(rec["Metric Value"].replace(",", ""))
+        unit = rec["Metric Unit"]
+        value *= UNITS[unit] if metric.startswith("gpu__time") else BYTE_UNITS[unit]
+        launches.setdefault(int(rec["ID"]), (kernel, {}))[1][metric] = value
+    return [launches[i] for i in sorted(launches)]
+
+
+def measure_traffic(cell_name: str, reps: int, ncu: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "ncu.csv"
+        cmd = [ncu, "--clock-control", "none", "--cache-control", "none", "--metrics", ",".join(TRAFFIC_METRICS),
+               "--csv", "--kernel-name", "regex:mla_", "--log-file", str(log),
+               sys.executable, str(Path(__file__).resolve()), "--child", cell_name, "--reps", str(reps), "--traffic"]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
+        if run.returncode != 0 or not log.exists():
+            raise RuntimeError(f"ncu failed on {cell_name} (rc={run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        launches = parse_traffic_csv(log.read_text())
+    # The last step: its metadata launch and everything after it.
+    last = max(i for i, (k, _) in enumerate(launches) if k == "mla_metadata_kernel")
+    step = launches[last:]
+    layers = sum(k == "mla_decode_kernel" for k, _ in step)
+    out = {}
+    for kernel in KERNELS:
+        rows = [m for k, m in step if k == kernel]
+        if rows:
+            per = 1 if kernel == "mla_metadata_kernel" else max(layers, 1)
+            out[kernel] = {m: sum(r.get(m, 0.0) for r in rows) / per for m in TRAFFIC_METRICS}
+    return {"layers": layers, "per_layer": out}
+
+
 def parse_ncu_csv(text: str) -> dict:
     """{kernel: [microseconds, ...]} from ``ncu --csv`` output."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
@@ -88,16 +155,30 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,P10")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", help="where to write the results")
+    p.add_argument("--traffic", action="store_true", help="DRAM MB per kernel inside the 16-layer step")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child(args.child, args.reps)
+        (child_traffic if args.traffic else child)(args.child, args.reps)
         return 0
     ncu = shutil.which("ncu")
     if ncu is None:
         print("ncu (Nsight Compute) is not on PATH", file=sys.stderr)
         return 2
     results = {}
+    if args.traffic:
+        print(f"{'cell':<6} {'kernel':<20} {'us':>8} {'DRAM MB read':>13} {'DRAM MB written':>16}  (per layer)")
+        for name in [c.strip() for c in args.cells.split(",") if c.strip()]:
+            r = measure_traffic(name, args.reps, ncu)
+            results[name] = r
+            for kernel, m in r["per_layer"].items():
+                print(f"{name:<6} {kernel:<20} {m['gpu__time_duration.sum']:>8.1f} {m['dram__bytes_read.sum']:>13.1f} "
+                      f"{m['dram__bytes_write.sum']:>16.1f}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"tool": "ncu --clock-control none --cache-control none, "
+                                                   + ", ".join(TRAFFIC_METRICS), "reps": args.reps,
+                                                   "cells": results}, indent=1))
+        return 0
     print(f"{'cell':<6} {'metadata us':>12} {'attention us':>13} {'combine us':>11} {'attn+combine':>13}")
     for name in [c.strip() for c in args.cells.split(",") if c.strip()]:
         r = measure(name, args.reps, ncu)
