@@ -136,18 +136,16 @@ __global__ void __launch_bounds__(kCombineThreads, kWide ? kCombineMinCtasPerSm 
       for (int k0 = warp_first; k0 < pieces; k0 += group_pieces * piece_step) {
         float w[kLoadsPerGroup];
         float4 v[kLoadsPerGroup];
-        const float* src[kLoadsPerGroup];
 #pragma unroll
         for (int u = 0; u < kLoadsPerGroup; ++u) {
           // Past the last piece: reload the group's first piece (a valid address, and no
           // branch to keep the compiler from issuing the group's loads together). It is this
-          // warp's own and its lines are dropped only after the group, so no load here reads a
-          // discarded line.
+          // warp's own and its lines are dropped only after all its groups, so no load here reads
+          // a discarded line.
           const int k_u = k0 + (wide ? u : u / kCombineVecsPerLane) * piece_step;
           const int k = k_u < pieces ? k_u : k0;
           const int c = channel + (wide ? 0 : (u % kCombineVecsPerLane) * kVecStride);
-          src[u] = p.out_accum + piece_row(k) * kHeadDimV + c;
-          v[u] = __ldg(reinterpret_cast<const float4*>(src[u]));
+          v[u] = __ldg(reinterpret_cast<const float4*>(p.out_accum + piece_row(k) * kHeadDimV + c));
           if (k_u >= pieces) v[u] = make_float4(0.f, 0.f, 0.f, 0.f);  // dropped, not weighted by 0
           w[u] = k_u < pieces ? exp2f(__ldg(p.lse_accum + piece_row(k)) - lse2) : 0.f;
         }
@@ -159,16 +157,16 @@ __global__ void __launch_bounds__(kCombineThreads, kWide ? kCombineMinCtasPerSm 
           a.z += w[u] * v[u].z;
           a.w += w[u] * v[u].w;
         }
-        // Every lane has its values (used above): the group's lines are read for good. Each
-        // (piece, row, channel slice) is read by this warp alone, so its lines can go (a reload
-        // past the last piece is a line of this group, dropped once).
-        __syncwarp();
-        if (discard && line_lane) {
+      }
+      // All of this warp's loads are consumed (the sums above): its partial lines are read for
+      // good, each by this warp alone. Dropping them only now keeps the discards out of the
+      // load chain of the pieces.
+      __syncwarp();
+      if (discard && line_lane) {
+        for (int k = warp_first; k < pieces; k += piece_step) {
 #pragma unroll
-          for (int u = 0; u < kLoadsPerGroup; ++u) {
-            const int k_u = k0 + (wide ? u : u / kCombineVecsPerLane) * piece_step;
-            if (k_u < pieces) discard_l2_line(src[u]);
-          }
+          for (int j = 0; j < (wide ? 1 : kCombineVecsPerLane); ++j)
+            discard_l2_line(p.out_accum + piece_row(k) * kHeadDimV + channel + j * kVecStride);
         }
       }
       lse = lse2 * kLn2;
