@@ -122,5 +122,8 @@ inline constexpr int kCombineMinCtasPerSm = 4;
 // GPU in one round as the attention CTAs leave, instead of two (benchmarks/NOTES.md, attempts 44
 // and 52).
 inline constexpr int kCombineNarrowMinCtasPerSm = 8;
+// An L2 cache line: the unit in which the combine drops partial outputs it has read
+// (discard.global.L2), so that they are never written back to DRAM.
+inline constexpr int kL2LineBytes = 128;
 
 }  // namespace jax_flashmla
