@@ -27,7 +27,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Drops the 128-byte L2 line at `line` without writing it back to DRAM (its contents become
 // undefined). The combine is the last reader of each partial output: without this, every dirty
 // line of fp32 partials that the attention kernel wrote is written back to DRAM when the next
-// layer's cache stream evicts it (P3: ~31 MB a layer, 2.5% of the bytes it reads).
+// layer's cache stream evicts it (measured in the step with `kernel_times.py --traffic`: the
+// next attention kernel's DRAM writes fell from 29.5 to 17.4 MB a layer on P3, 14.7 to 4.9 on P2).
+// Issued only after the warp's last load is consumed: in the loop, the discards (ordered by their
+// "memory" clobber) stalled every piece's loads (P3 +1.4%, benchmarks/NOTES.md attempt 57).
 __device__ __forceinline__ void discard_l2_line(const void* line) {
   asm volatile("discard.global.L2 [%0], 128;" ::"l"(line) : "memory");
 }
