@@ -1,6 +1,6 @@
 """Device time of each of our kernels per benchmark cell, measured by Nsight Compute.
 
-    python benchmarks/kernel_times.py --cells P1,P8 [--reps 5] [--json PATH]
+    python benchmarks/kernel_times.py --cells P1,P8 [--reps 5] [--json PATH] [--traffic]
 
 The decode benchmark times whole jitted steps; this splits one step into its kernels: the
 scheduler (``mla_metadata_kernel``, its own time, which the step-level timing cannot isolate),
@@ -107,8 +107,13 @@ def measure_traffic(cell_name: str, reps: int, ncu: str) -> dict:
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
         if run.returncode != 0 or not log.exists():
             raise RuntimeError(f"ncu failed on {cell_name} (rc={run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-        launches = parse_traffic_csv(log.read_text())
-    # The last step: its metadata launch and everything after it.
+        return last_step_per_layer(parse_traffic_csv(log.read_text()))
+
+
+def last_step_per_layer(launches: list) -> dict:
+    """The last step of ``launches`` (its metadata launch and everything after it): each
+    kernel's metrics summed over the step and divided by its layers (the metadata kernel runs
+    once a step, so its sums stay whole)."""
     last = max(i for i, (k, _) in enumerate(launches) if k == "mla_metadata_kernel")
     step = launches[last:]
     layers = sum(k == "mla_decode_kernel" for k, _ in step)

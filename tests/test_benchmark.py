@@ -67,3 +67,64 @@ def test_clock_log_window(reasons, cap):
     assert got["clock_samples"] == 3 and got["sm_mhz_median"] == 1755 and got["sm_mhz_min"] == 1650
     assert got["power_cap"] is cap and got["thermal"] is False
     assert clocks.summarize(clocks.parse(text), t0 + 2.0, t0 + 3.0) is None
+
+
+def _kernel_times():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel_times
+    finally:
+        sys.path.pop(0)
+    return kernel_times
+
+
+def _ncu_csv(records):
+    """ncu --csv text: a header, then one quoted line per (ID, kernel, metric, unit, value)."""
+    columns = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream",
+               "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+    lines = ["==PROF== Connected to process 1", ",".join(f'"{c}"' for c in columns)]
+    for launch, kernel, metric, unit, value in records:
+        row = (launch, 1, "python3", "h", f"{kernel}(jax_flashmla::DecodeParams)", 1, 7,
+               "Command line profiler metrics", metric, unit, value)
+        lines.append(",".join(f'"{v}"' for v in row))
+    return "\n".join(lines)
+
+
+def test_kernel_times_traffic_per_layer():
+    """--traffic keeps the last step only and divides each kernel's sums by its layers; units
+    are converted (time to us, bytes to MB)."""
+    kt = _kernel_times()
+    records = []
+    launch = 0
+    for step, scale in ((0, 100.0), (1, 1.0)):  # the first step's numbers must not count
+        records += [(launch, "mla_metadata_kernel", "gpu__time_duration.sum", "nsecond", 8000 * scale)]
+        launch += 1
+        for layer in range(2):
+            records += [
+                (launch, "mla_decode_kernel", "gpu__time_duration.sum", "usecond", 400.0 * scale + layer),
+                (launch, "mla_decode_kernel", "dram__bytes_read.sum", "Gbyte", 1.2 * scale),
+                (launch, "mla_decode_kernel", "dram__bytes_write.sum", "Mbyte", "1,500" if scale == 1.0 else 9),
+                (launch + 1, "mla_combine_kernel", "gpu__time_duration.sum", "usecond", 12.0 * scale),
+                (launch + 1, "mla_combine_kernel", "dram__bytes_read.sum", "Kbyte", 512.0),
+                (launch + 1, "mla_combine_kernel", "dram__bytes_write.sum", "byte", 2_000_000),
+            ]
+            launch += 2
+    got = kt.last_step_per_layer(kt.parse_traffic_csv(_ncu_csv(records)))
+    assert got["layers"] == 2
+    dec, comb, meta = (got["per_layer"][k] for k in ("mla_decode_kernel", "mla_combine_kernel", "mla_metadata_kernel"))
+    assert dec["gpu__time_duration.sum"] == pytest.approx(400.5)
+    assert dec["dram__bytes_read.sum"] == pytest.approx(1200.0)
+    assert dec["dram__bytes_write.sum"] == pytest.approx(1500.0)
+    assert comb["dram__bytes_read.sum"] == pytest.approx(0.512) and comb["dram__bytes_write.sum"] == pytest.approx(2.0)
+    assert meta["gpu__time_duration.sum"] == pytest.approx(8.0)
+
+
+def test_kernel_times_parses_durations():
+    kt = _kernel_times()
+    text = _ncu_csv([(0, "mla_decode_kernel", "gpu__time_duration.sum", "msecond", 1.25),
+                     (1, "mla_combine_kernel", "gpu__time_duration.sum", "nsecond", "9,500"),
+                     (2, "other_kernel", "gpu__time_duration.sum", "usecond", 3.0)])
+    got = kt.parse_ncu_csv(text)
+    assert got["mla_decode_kernel"] == [pytest.approx(1250.0)]
+    assert got["mla_combine_kernel"] == [pytest.approx(9.5)]
+    assert got["mla_metadata_kernel"] == []
