@@ -36,41 +36,29 @@ KERNELS = ("mla_metadata_kernel", "mla_decode_kernel", "mla_combine_kernel")
 UNITS = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
 
 
-def child(cell_name: str, reps: int) -> None:
-    """Runs inside ncu: ``reps`` calls of metadata + one decode for the cell."""
+def child(cell_name: str, reps: int, whole_step: bool) -> None:
+    """Runs inside ncu: ``reps`` calls of metadata + one decode on layer 0's inputs or, with
+    ``whole_step``, of the benchmark's whole 16-layer step."""
     import jax
 
     import jax_flashmla as jf
     from cells import parse_cell
-    from decode_bench import make_inputs
+    from decode_bench import flashmla_step, make_inputs
     import jax.numpy as jnp
 
     cell = parse_cell(cell_name)
     qs, k_cache, tables, lengths = make_inputs(cell, jnp.bfloat16)
     rows = cell.s_q * cell.h_q // cell.h_kv
 
-    @jax.jit
-    def step(q, k_cache, table, lengths):
+    def one_layer(q, k_cache, table, lengths):
         meta, splits = jf.get_mla_metadata(lengths, rows, cell.h_kv)
         return jf.flash_mla_with_kvcache(q, k_cache, table, lengths, 512, meta, splits, causal=cell.causal)
 
-    args = (qs[0], k_cache, tables[0], lengths)
-    compiled = step.lower(*args).compile()
-    for _ in range(reps):
-        jax.block_until_ready(compiled(*args))
-
-
-def child_traffic(cell_name: str, reps: int) -> None:
-    """Runs inside ncu: ``reps`` whole 16-layer steps of the benchmark."""
-    import jax
-
-    from cells import parse_cell
-    from decode_bench import flashmla_step, make_inputs
-    import jax.numpy as jnp
-
-    cell = parse_cell(cell_name)
-    args = make_inputs(cell, jnp.bfloat16)
-    compiled = jax.jit(flashmla_step(cell)).lower(*args).compile()
+    if whole_step:
+        fn, args = flashmla_step(cell), (qs, k_cache, tables, lengths)
+    else:
+        fn, args = one_layer, (qs[0], k_cache, tables[0], lengths)
+    compiled = jax.jit(fn).lower(*args).compile()
     for _ in range(reps):
         jax.block_until_ready(compiled(*args))
 
@@ -79,35 +67,46 @@ TRAFFIC_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__byte
 BYTE_UNITS = {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "KB": 1e-3, "MB": 1.0, "GB": 1e3}
 
 
-def parse_traffic_csv(text: str) -> list:
-    """[(kernel, {metric: value})] in launch order; us for time, MB for bytes."""
-    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
-    launches: dict = {}
-    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
-        metric = rec.get("Metric Name")
-        if metric not in TRAFFIC_METRICS:
-            continue
-        kernel = next((k for k in KERNELS if k in rec["Kernel Name"]), None)
-        if kernel is None:
-            continue
-        value = float(rec["Metric Value"].replace(",", ""))
-        unit = rec["Metric Unit"]
-        value *= UNITS[unit] if metric.startswith("gpu__time") else BYTE_UNITS[unit]
-        launches.setdefault(int(rec["ID"]), (kernel, {}))[1][metric] = value
-    return [launches[i] for i in sorted(launches)]
-
-
-def measure_traffic(cell_name: str, reps: int, ncu: str) -> dict:
+def run_ncu(cell_name: str, reps: int, ncu: str, metrics, traffic: bool) -> str:
+    """The CSV of ``ncu`` over a child process of the cell (``child``). ``traffic``: the whole
+    step, and L2 left as the previous kernel left it (``--cache-control none``)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "ncu.csv"
-        cmd = [ncu, "--clock-control", "none", "--cache-control", "none", "--metrics", ",".join(TRAFFIC_METRICS),
-               "--csv", "--kernel-name", "regex:mla_", "--log-file", str(log),
-               sys.executable, str(Path(__file__).resolve()), "--child", cell_name, "--reps", str(reps), "--traffic"]
+        cmd = [ncu, "--clock-control", "none", *(["--cache-control", "none"] if traffic else []),
+               "--metrics", ",".join(metrics), "--csv", "--kernel-name", "regex:mla_", "--log-file", str(log),
+               sys.executable, str(Path(__file__).resolve()), "--child", cell_name, "--reps", str(reps),
+               *(["--traffic"] if traffic else [])]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
         if run.returncode != 0 or not log.exists():
             raise RuntimeError(f"ncu failed on {cell_name} (rc={run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-        return last_step_per_layer(parse_traffic_csv(log.read_text()))
+        return log.read_text()
+
+
+def ncu_records(text: str, metrics):
+    """(launch ID, kernel, metric, value) of our kernels from ``ncu --csv`` output, for the
+    given metrics: times in microseconds, bytes in MB."""
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+        metric = rec.get("Metric Name")
+        kernel = next((k for k in KERNELS if k in rec["Kernel Name"]), None)
+        if metric not in metrics or kernel is None:
+            continue
+        unit = rec["Metric Unit"]
+        scale = UNITS[unit] if metric.startswith("gpu__time") else BYTE_UNITS[unit]
+        yield int(rec["ID"]), kernel, metric, float(rec["Metric Value"].replace(",", "")) * scale
+
+
+def parse_traffic_csv(text: str) -> list:
+    """[(kernel, {metric: value})] in launch order; us for time, MB for bytes."""
+    launches: dict = {}
+    for launch, kernel, metric, value in ncu_records(text, TRAFFIC_METRICS):
+        launches.setdefault(launch, (kernel, {}))[1][metric] = value
+    return [launches[i] for i in sorted(launches)]
+
+
+def measure_traffic(cell_name: str, reps: int, ncu: str) -> dict:
+    return last_step_per_layer(parse_traffic_csv(run_ncu(cell_name, reps, ncu, TRAFFIC_METRICS, traffic=True)))
 
 
 def last_step_per_layer(launches: list) -> dict:
@@ -128,30 +127,14 @@ def last_step_per_layer(launches: list) -> dict:
 
 def parse_ncu_csv(text: str) -> dict:
     """{kernel: [microseconds, ...]} from ``ncu --csv`` output."""
-    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     times: dict = {k: [] for k in KERNELS}
-    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
-        if rec.get("Metric Name") != "gpu__time_duration.sum":
-            continue
-        name = rec["Kernel Name"]
-        kernel = next((k for k in KERNELS if k in name), None)
-        if kernel:
-            value = float(rec["Metric Value"].replace(",", ""))
-            times[kernel].append(value * UNITS[rec["Metric Unit"]])
+    for _, kernel, _, value in ncu_records(text, ("gpu__time_duration.sum",)):
+        times[kernel].append(value)
     return times
 
 
 def measure(cell_name: str, reps: int, ncu: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "ncu.csv"
-        cmd = [ncu, "--clock-control", "none", "--metrics", "gpu__time_duration.sum", "--csv",
-               "--kernel-name", "regex:mla_", "--log-file", str(log),
-               sys.executable, str(Path(__file__).resolve()), "--child", cell_name, "--reps", str(reps)]
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent)
-        if run.returncode != 0 or not log.exists():
-            raise RuntimeError(f"ncu failed on {cell_name} (rc={run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
-        times = parse_ncu_csv(log.read_text())
+    times = parse_ncu_csv(run_ncu(cell_name, reps, ncu, ("gpu__time_duration.sum",), traffic=False))
     return {k: (statistics.median(v) if v else None) for k, v in times.items()} | {"launches": {k: len(v) for k, v in times.items()}}
 
 
@@ -164,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        (child_traffic if args.traffic else child)(args.child, args.reps)
+        child(args.child, args.reps, whole_step=args.traffic)
         return 0
     ncu = shutil.which("ncu")
     if ncu is None:

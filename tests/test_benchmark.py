@@ -4,6 +4,7 @@ benchmarks/, this only keeps the script from rotting."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -41,13 +42,13 @@ def test_device_timer_says_why_it_cannot_run():
         _devtime.mark(0)
 
 
-def _clocks():
+def _bench_module(name):
+    """A module of benchmarks/ (not a package), imported by name."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import clocks
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return clocks
 
 
 @pytest.mark.parametrize("reasons, cap", [("0x0000000000000004", True), ("0x0000000000000000", False)])
@@ -55,7 +56,7 @@ def test_clock_log_window(reasons, cap):
     """The per-cell clock summary reads nvidia-smi's CSV lines (local time) inside a window only."""
     import datetime
 
-    clocks = _clocks()
+    clocks = _bench_module("clocks")
     t0 = 1_800_000_000.0
     stamp = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
     text = "\n".join(
@@ -67,15 +68,6 @@ def test_clock_log_window(reasons, cap):
     assert got["clock_samples"] == 3 and got["sm_mhz_median"] == 1755 and got["sm_mhz_min"] == 1650
     assert got["power_cap"] is cap and got["thermal"] is False
     assert clocks.summarize(clocks.parse(text), t0 + 2.0, t0 + 3.0) is None
-
-
-def _kernel_times():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import kernel_times
-    finally:
-        sys.path.pop(0)
-    return kernel_times
 
 
 def _ncu_csv(records):
@@ -93,7 +85,7 @@ def _ncu_csv(records):
 def test_kernel_times_traffic_per_layer():
     """--traffic keeps the last step only and divides each kernel's sums by its layers; units
     are converted (time to us, bytes to MB)."""
-    kt = _kernel_times()
+    kt = _bench_module("kernel_times")
     records = []
     launch = 0
     for step, scale in ((0, 100.0), (1, 1.0)):  # the first step's numbers must not count
@@ -120,7 +112,7 @@ def test_kernel_times_traffic_per_layer():
 
 
 def test_kernel_times_parses_durations():
-    kt = _kernel_times()
+    kt = _bench_module("kernel_times")
     text = _ncu_csv([(0, "mla_decode_kernel", "gpu__time_duration.sum", "msecond", 1.25),
                      (1, "mla_combine_kernel", "gpu__time_duration.sum", "nsecond", "9,500"),
                      (2, "other_kernel", "gpu__time_duration.sum", "usecond", 3.0)])
