@@ -3,14 +3,16 @@
 The FlashMLA anchor (`flashmla-h100.json`) records the ceilings of its own run: copy 3025 GB/s and
 a bf16 8192^3 matmul at 806 TFLOP/s. Our benchmark measures the matmul with `jnp.dot` under XLA
 and gets 717-756 on the H100s lent to us. This probe asks whether that gap is the method (XLA's
-GEMM against cuBLAS) or the card (the anchor's GPU sustaining a higher clock under the 700 W cap),
-which decides how far the power-capped cells (P4-P6) can be compared with the anchor at all.
+GEMM against cuBLAS), the card, or how long the GPU had been busy (the 700 W power cap lowers
+the clock within a fraction of a second). Answer on 2026-12-06 (benchmarks/NOTES.md, twenty-third
+session): the duty cycle; cuBLAS reads 800 in a burst on our card and 643-698 sustained.
 
-Each measurement: inputs drawn from a normal distribution (the bits toggle as in real data), one
-second of warm-up, then the median of `--steps` launches timed with CUDA events. Torch's matmul
-also as a burst: 10 launches after two idle seconds, before the power cap can lower the clock. The matmul runs
-first for torch and then for JAX, each in its own process (JAX would otherwise hold most of the
-GPU memory), and both again in the opposite order, so that a clock drift shows.
+Torch: inputs from a normal distribution (the bits toggle as in real data), one second of
+warm-up, then the median of `--steps` launches timed with CUDA events; the copy likewise; and
+the matmul as a burst, 10 launches after two idle seconds, before the cap can act. JAX: the
+same matmul, host-timed (a cross-check only). Each runs in its own process (JAX would otherwise
+hold most of the GPU memory), in the order torch, JAX, JAX, torch so that a clock drift shows;
+`--only torch` runs torch twice.
 
 Run on the device machine: `python3 benchmarks/probes/torch_ceilings.py` (needs torch and jax).
 """
@@ -93,7 +95,10 @@ def run_jax(steps: int) -> dict:
     while time.perf_counter() < end:
         out = mm(a, b)
     out.block_until_ready()
-    # Host-timed launches one at a time: a GEMM of ~1.4 ms dwarfs the ~10 us of dispatch.
+    # Host-timed, one launch per sync: a cross-check only. It read 555-623 TFLOP/s where the
+    # benchmark's device-timed `jnp.dot` read 735-756 on the same card (NOTES, twenty-third
+    # session), so dispatch and sync are not negligible here; decode_bench.py's figure is the
+    # ceiling of record.
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
