@@ -9,7 +9,9 @@
 # A call may not run past 10 minutes; about 1.5 min per variant on P1-P10 plus 1.5 min of builds.
 # With more than 4 variants, split: AB_VARIANTS="v0 v1 v2" first, then, on the still-warm
 # machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab). Each call first
-# clears $OUT/ab_*.json, so copy a call's JSON out before the next one.
+# clears $OUT/ab_*.json, so rename a call's JSON before the next one, with a prefix in $OUT
+# itself (for f in $OUT/ab_*.json; do mv "$f" "$OUT/r1_${f##*/}"; done): scripts/pack_out.sh
+# packs folders under $OUT into logs.tgz and removes them.
 #
 # Builds every .variants/NAME side by side, runs each one's standalone decode harness (float64
 # CPU reference, poisoned inputs: a variant that fails it is not timed), then times each with
