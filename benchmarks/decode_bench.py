@@ -43,15 +43,22 @@ class Timer:
     ``jax_flashmla._devtime``) where the extension and a GPU are there, else by the host clock
     around a blocking call."""
 
-    def __init__(self, device_events: bool):
+    def __init__(self, device_events: bool, command_buffers: bool = True):
         self.device_events = device_events
         self.method = "device (CUDA events around the jitted step)" if device_events else "host clock around a blocking call"
+        # XLA's source (not yet measured here; NOTES, attempt 59): by default each run of >= 5
+        # graph-safe ops, our custom calls among them, becomes one CUDA graph, each custom call
+        # a child graph joined to the next by an ordinary edge. Off, each call is launched on
+        # the stream, and the next layer's attention kernel may start under this layer's
+        # combine (programmatic dependent launch).
+        self.command_buffers = command_buffers
+        self.compiler_options = None if command_buffers else {"xla_gpu_enable_command_buffer": ""}
 
     def compile(self, fn, args):
         """``fn`` jitted (bracketed by event marks when timing on the device) and compiled, and
         the text of its lowering (to see which path it took)."""
         lowered = jax.jit(_devtime.timed(fn) if self.device_events else fn).lower(*args)
-        return lowered.compile(), lowered.as_text()
+        return lowered.compile(self.compiler_options), lowered.as_text()
 
     def measure(self, run, args, steps: int, warmup: int = 2, min_warmup_s: float = 0.0) -> float:
         """Median seconds of ``run`` (from ``compile``) over ``steps`` calls, after ``warmup``
@@ -145,7 +152,7 @@ def metadata_seconds(timer: Timer, cell: Cell, lengths: jax.Array, steps: int) -
         _, stop = _devtime.bracket(fn, (lengths_list,), copied)
         return copied, stop
 
-    run = jax.jit(program).lower(busy, lengths_list).compile()
+    run = jax.jit(program).lower(busy, lengths_list).compile(timer.compiler_options)
     return timer.measure(run, (busy, lengths_list), steps) / LAYERS
 
 
@@ -269,6 +276,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/last_run-<platform>.json)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG of per-cell time against the anchor")
     parser.add_argument("--no-clocks", action="store_true", help="do not log SM clocks with nvidia-smi meanwhile")
+    parser.add_argument(
+        "--no-command-buffers",
+        action="store_true",
+        help="compile the programs with XLA's command buffers (CUDA graphs) off: each call is launched on the stream",
+    )
     args = parser.parse_args(argv)
 
     device = jax.devices()[0]
@@ -284,8 +296,8 @@ def main(argv=None) -> int:
 
     build = "CUDA extension" if jf.build_info()["cuda_extension"] else "pure JAX only"
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, build: {build}")
-    timer = Timer(device_events=_devtime.available() and not args.host_timing)
-    print(f"timing: {timer.method}")
+    timer = Timer(device_events=_devtime.available() and not args.host_timing, command_buffers=not args.no_command_buffers)
+    print(f"timing: {timer.method}; XLA command buffers {'on (default)' if timer.command_buffers else 'off'}")
     # SM clocks fall under the power cap in the compute-bound cells, by a different amount in
     # each run: every row says what the clock was during its steps (benchmarks/clocks.py).
     clock_log = ClockLog.start() if on_gpu and not args.no_clocks else None
@@ -317,6 +329,7 @@ def main(argv=None) -> int:
         "layers": LAYERS,
         "steps": steps,
         "timing": timer.method,
+        "command_buffers": timer.command_buffers,
         "ceilings": ceilings,
         "anchor": anchor["path"] if anchor else None,
         "rows": rows,

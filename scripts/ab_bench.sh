@@ -5,7 +5,8 @@
 # Device call:  bash scripts/ab_bench.sh        (carry .whl, .device and .variants)
 #
 # AB_UNCHECKED="NAME ...": variants timed even when they fail the harness (upper-bound
-# experiments that skip work on purpose).
+# experiments that skip work on purpose). AB_BENCH_ARGS: more decode_bench.py arguments for
+# every variant (e.g. --no-command-buffers).
 # A call may not run past 10 minutes; about 1.5 min per variant on P1-P10 plus 1.5 min of builds.
 # With more than 4 variants, split: AB_VARIANTS="v0 v1 v2" first, then, on the still-warm
 # machine, AB_SKIP_BUILD=1 AB_VARIANTS="v3 v4" (the builds stay in /tmp/ab). Each call first
@@ -71,7 +72,7 @@ for name in "${names[@]}"; do
   fi
   tail -1 "$OUT/harness_$name.log"
   PYTHONPATH="/tmp/ab/$name" timeout 420 python3 benchmarks/decode_bench.py --no-xla --cells "$AB_CELLS" \
-    --steps "$AB_STEPS" --anchor .device/anchors/flashmla-h100.json --json "$OUT/ab_$name.json" >"$OUT/bench_$name.log" 2>&1
+    ${AB_BENCH_ARGS:-} --steps "$AB_STEPS" --anchor .device/anchors/flashmla-h100.json --json "$OUT/ab_$name.json" >"$OUT/bench_$name.log" 2>&1
   rc=$?
   echo "bench $name rc=$rc"; [ $rc = 0 ] && jsons+=("$OUT/ab_$name.json") || tail -5 "$OUT/bench_$name.log"
 done

@@ -19,19 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GPU run is scripts/gpu_check.sh's bench phase")
-def test_decode_bench_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--no-command-buffers", "--no-xla"]], ids=["default", "no-command-buffers"])
+def test_decode_bench_runs_on_cpu(tmp_path, extra):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "decode_bench.py"), "--cells", "C1", "--steps", "1", "--json", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "decode_bench.py"), "--cells", "C1", "--steps", "1", "--json", str(out)]
+        + extra,
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads(out.read_text())
     assert record["timing"].startswith("host clock")
+    assert record["command_buffers"] == ("--no-command-buffers" not in extra)
     assert record["ceilings"]["copy_GBps"] > 0 and record["ceilings"]["matmul_TFLOPs"] > 0
     (row,) = record["rows"]
     assert row["name"] == "C1" and row["path"] == "pure JAX" and row["us"] > 0
-    assert row["xla_us"] is not None and row["metadata_us"] > 0
+    assert (row["xla_us"] is None) == ("--no-xla" in extra) and row["metadata_us"] > 0
     assert "us/layer" in proc.stdout
 
 
