@@ -52,7 +52,11 @@ class Timer:
         # the stream, and the next layer's attention kernel may start under this layer's
         # combine (programmatic dependent launch).
         self.command_buffers = command_buffers
-        self.compiler_options = None if command_buffers else {"xla_gpu_enable_command_buffer": ""}
+
+    @property
+    def compiler_options(self) -> dict | None:
+        """XLA options for every program this timer compiles."""
+        return None if self.command_buffers else {"xla_gpu_enable_command_buffer": ""}
 
     def compile(self, fn, args):
         """``fn`` jitted (bracketed by event marks when timing on the device) and compiled, and

@@ -153,36 +153,33 @@ def main(argv=None) -> int:
     if ncu is None:
         print("ncu (Nsight Compute) is not on PATH", file=sys.stderr)
         return 2
+    names = [c.strip() for c in args.cells.split(",") if c.strip()]
     results = {}
     if args.traffic:
+        tool = "ncu --clock-control none --cache-control none, " + ", ".join(TRAFFIC_METRICS)
         print(f"{'cell':<6} {'kernel':<20} {'us':>8} {'DRAM MB read':>13} {'DRAM MB written':>16}  (per layer)")
-        for name in [c.strip() for c in args.cells.split(",") if c.strip()]:
+        for name in names:
             r = measure_traffic(name, args.reps, ncu)
             results[name] = r
             for kernel, m in r["per_layer"].items():
                 print(f"{name:<6} {kernel:<20} {m['gpu__time_duration.sum']:>8.1f} {m['dram__bytes_read.sum']:>13.1f} "
                       f"{m['dram__bytes_write.sum']:>16.1f}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"tool": "ncu --clock-control none --cache-control none, "
-                                                   + ", ".join(TRAFFIC_METRICS), "reps": args.reps,
-                                                   "cells": results}, indent=1))
-        return 0
-    print(f"{'cell':<6} {'metadata us':>12} {'attention us':>13} {'combine us':>11} {'attn+combine':>13}")
-    for name in [c.strip() for c in args.cells.split(",") if c.strip()]:
-        r = measure(name, args.reps, ncu)
-        results[name] = r
-        total = (r["mla_decode_kernel"] or 0) + (r["mla_combine_kernel"] or 0)
+    else:
+        tool = "ncu --clock-control none, gpu__time_duration.sum"
+        print(f"{'cell':<6} {'metadata us':>12} {'attention us':>13} {'combine us':>11} {'attn+combine':>13}")
+        for name in names:
+            r = measure(name, args.reps, ncu)
+            results[name] = r
+            total = (r["mla_decode_kernel"] or 0) + (r["mla_combine_kernel"] or 0)
 
-        def f(v):
-            return f"{v:.1f}" if v is not None else "-"
+            def f(v):
+                return f"{v:.1f}" if v is not None else "-"
 
-        print(f"{name:<6} {f(r['mla_metadata_kernel']):>12} {f(r['mla_decode_kernel']):>13} "
-              f"{f(r['mla_combine_kernel']):>11} {total:>13.1f}", flush=True)
+            print(f"{name:<6} {f(r['mla_metadata_kernel']):>12} {f(r['mla_decode_kernel']):>13} "
+                  f"{f(r['mla_combine_kernel']):>11} {total:>13.1f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"tool": "ncu --clock-control none, gpu__time_duration.sum",
-                                               "reps": args.reps, "cells": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"tool": tool, "reps": args.reps, "cells": results}, indent=1))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,17 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 MATMUL_N = 8192
 COPY_BYTES = 2 << 30
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
 
 
 def run_torch(steps: int) -> dict:
@@ -57,7 +53,7 @@ def run_torch(steps: int) -> dict:
             e1.record()
             e1.synchronize()
             times.append(e0.elapsed_time(e1) / 1e3)
-        return _median(times)
+        return statistics.median(times)
 
     def burst(fn, launches: int = 10) -> float:
         # After two idle seconds: the first launches run before the power cap lowers the clock.
@@ -69,7 +65,7 @@ def run_torch(steps: int) -> dict:
             fn()
             e.record()
         events[-1].synchronize()
-        return _median([a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])])
+        return statistics.median([a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])])
 
     mm_s = timed(lambda: torch.mm(a, b))
     copy_s = timed(lambda: dst.copy_(src))
@@ -104,7 +100,7 @@ def run_jax(steps: int) -> dict:
         t0 = time.perf_counter()
         mm(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return {"who": f"jax {jax.__version__} (XLA, host-timed)", "matmul_TFLOPs": 2 * MATMUL_N**3 / _median(times) / 1e12}
+    return {"who": f"jax {jax.__version__} (XLA, host-timed)", "matmul_TFLOPs": 2 * MATMUL_N**3 / statistics.median(times) / 1e12}
 
 
 def main() -> int:
