@@ -175,16 +175,6 @@ def _out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def command_buffer_mentions(compiled) -> int:
-    """How often the compiled program's optimised HLO names a command buffer: XLA outlines the
-    ops it runs as one CUDA graph into computations named ``command_buffer...``. 0 means every op
-    is launched on the stream; on CPU it is always 0."""
-    try:
-        return compiled.as_text().count("command_buffer")
-    except Exception:  # some backends cannot print the compiled module
-        return -1
-
-
 def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dict, anchor: dict | None) -> dict:
     inputs = make_inputs(cell, jnp.bfloat16)
     lengths = np.asarray(inputs[3])
@@ -203,7 +193,6 @@ def run_cell(timer: Timer, cell: Cell, steps: int, with_xla: bool, ceilings: dic
         "varlen": cell.varlen, "causal": cell.causal, "mean_len": mean_len, "path": path,
         "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9, "TFLOPs": flops / seconds / 1e12,
         "metadata_us": meta_us, "timed_from": timed_from, "timed_to": timed_to,
-        "command_buffer_mentions": command_buffer_mentions(compiled),
     }
     row["pct_copy"] = 100 * row["GBps"] / ceilings["copy_GBps"]
     row["pct_matmul"] = 100 * row["TFLOPs"] / ceilings["matmul_TFLOPs"]
@@ -323,8 +312,6 @@ def main(argv=None) -> int:
             print(f"running {cell.name}: {cell.label()} ...", flush=True)
             row = run_cell(timer, cell, steps, not args.no_xla, ceilings, anchor)
             row["device"] = device.device_kind
-            if row["command_buffer_mentions"]:
-                print(f"  the compiled step names a command buffer {row['command_buffer_mentions']} times (XLA runs part of it as a CUDA graph)")
             rows.append(row)
         if clock_log is not None:
             for row in rows:

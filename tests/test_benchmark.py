@@ -35,7 +35,6 @@ def test_decode_bench_runs_on_cpu(tmp_path, extra):
     (row,) = record["rows"]
     assert row["name"] == "C1" and row["path"] == "pure JAX" and row["us"] > 0
     assert (row["xla_us"] is None) == ("--no-xla" in extra) and row["metadata_us"] > 0
-    assert row["command_buffer_mentions"] == 0  # XLA:CPU has no command buffers
     assert "us/layer" in proc.stdout
 
 
