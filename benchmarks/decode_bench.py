@@ -46,11 +46,9 @@ class Timer:
     def __init__(self, device_events: bool, command_buffers: bool = True):
         self.device_events = device_events
         self.method = "device (CUDA events around the jitted step)" if device_events else "host clock around a blocking call"
-        # XLA's source (not yet measured here; NOTES, attempt 59): by default each run of >= 5
-        # graph-safe ops, our custom calls among them, becomes one CUDA graph, each custom call
-        # a child graph joined to the next by an ordinary edge. Off, each call is launched on
-        # the stream, and the next layer's attention kernel may start under this layer's
-        # combine (programmatic dependent launch).
+        # Off, XLA launches every op on the stream instead of recording runs of them as CUDA
+        # graphs. Measured level with the default on the H100 (P3, P8, P10 within 1-2%;
+        # benchmarks/NOTES.md, twenty-fourth session): an option, not the benchmark's setting.
         self.command_buffers = command_buffers
 
     @property

@@ -181,5 +181,6 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"tool": tool, "reps": args.reps, "cells": results}, indent=1))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
