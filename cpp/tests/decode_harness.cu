@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "config.h"
@@ -170,6 +171,11 @@ bool run_case(const Case& c, std::mt19937& rng) {
   // float64 reference, straight from the definition.
   int bad = 0, bad_lse = 0;
   double max_err = 0;
+  // Where the mismatches are: the first few rows in full, and the count of bad rows per request.
+  constexpr int kReportRows = 6;
+  int reported = 0;
+  std::string report;
+  std::vector<int> bad_rows(b, 0);
   for (int i = 0; i < b; ++i) {
     const int L = c.lens[i];
     for (int t = 0; t < c.s_q; ++t) {
@@ -200,16 +206,31 @@ bool run_case(const Case& c, std::mt19937& rng) {
         }
         const double ref_lse = limit > 0 ? m + std::log(sum) : INFINITY;
         const float got_lse = lse[(static_cast<size_t>(i) * c.h_q + h) * c.s_q + t];
+        const int bad_before = bad;
         if (!(limit > 0 ? std::fabs(got_lse - ref_lse) <= 1e-3 : std::isinf(got_lse) && got_lse > 0)) {
           ++bad;
           ++bad_lse;
         }
         const uint16_t* orow = &out[((static_cast<size_t>(i) * c.s_q + t) * c.h_q + h) * kHeadDimV];
+        int first_bad_d = -1;
         for (int d = 0; d < kHeadDimV; ++d) {
           const double ref = limit > 0 ? acc[d] / sum : 0.0;
           const double err = std::fabs(from_bits(orow[d], c.dtype) - ref);
-          if (!(err <= 2e-3 + 2e-2 * std::fabs(ref))) ++bad;
+          if (!(err <= 2e-3 + 2e-2 * std::fabs(ref))) {
+            ++bad;
+            if (first_bad_d < 0) first_bad_d = d;
+          }
           if (err == err) max_err = std::max(max_err, err);
+        }
+        if (bad > bad_before) {
+          ++bad_rows[i];
+          if (reported++ < kReportRows) {
+            const int d = std::max(first_bad_d, 0);
+            char line[256];
+            std::snprintf(line, sizeof(line), "  request %d (length %d) token %d head %d: lse %g (ref %g), out[%d] %g (ref %g)\n",
+                          i, L, t, h, got_lse, ref_lse, d, from_bits(orow[d], c.dtype), limit > 0 ? acc[d] / sum : 0.0);
+            report += line;
+          }
         }
       }
     }
@@ -219,6 +240,13 @@ bool run_case(const Case& c, std::mt19937& rng) {
               c.q_scale, splits[b], bad ? "MISMATCH" : "ok", max_err);
   if (bad) std::printf("; %d values off, %d of them lse", bad, bad_lse);
   std::printf(")\n");
+  if (bad) {
+    std::printf("%s", report.c_str());
+    std::printf("  bad rows per request (request:rows):");
+    for (int i = 0; i < b; ++i)
+      if (bad_rows[i]) std::printf(" %d:%d", i, bad_rows[i]);
+    std::printf("\n");
+  }
   for (void* ptr : {(void*)d_lens, (void*)d_table, (void*)d_q, (void*)d_cache, (void*)d_meta, (void*)d_splits, d_out,
                     (void*)d_lse, (void*)d_out_accum, (void*)d_lse_accum})
     cudaFree(ptr);
@@ -248,6 +276,10 @@ int main(int argc, char** argv) {
       // the last wave runs; a budget of one block per partition splits the requests into 79,
       // 47 and 1 pieces: the wide combine over 127.
       {DecodeDtype::kBF16, 3, 32, 1, 150, false, {5000, 3000, 64}},
+      // Many short requests (empty ones, and lengths below s_q: rows with no visible key) over
+      // 2 row tiles x 150 partitions: ~2 pieces per split request, so the combine goes over
+      // requests (narrow), and a split request's pieces may run in different waves.
+      {DecodeDtype::kFP16, 3, 32, 1, 150, true, {130, 63, 257, 0, 1, 511, 1, 130, 700, 0, 511, 64, 0, 1, 257, 257, 1, 64, 1, 511, 257, 0, 700, 1, 64, 700, 0, 700, 700, 257, 0, 64, 0, 511, 63, 65, 257, 63, 511, 1}},
   };
   bool ok = true;
   for (const Case& c : cases) {
