@@ -130,6 +130,21 @@ def test_zero_length_requests_b128(heads, dtype):
     assert zero.any() and (out[zero] == 0).all() and np.isposinf(lse[zero]).all()
 
 
+@pytest.mark.parametrize("num_sm", [None, 1000])
+@pytest.mark.parametrize("heads", [(32, 1), (32, 2)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_requests_shorter_than_s_q_causal(dtype, heads, num_sm):
+    # Token t of a causal request of length L sees L - (s_q - 1 - t) keys, a negative count when
+    # L < s_q - 1: such rows see no key (out 0, lse +inf) although the request's one block runs.
+    # The kernel once compared that limit unsigned, and these rows came out NaN.
+    h_q, h_kv = heads
+    lengths = [0, 1, 2, 3, 4, 63, 64, 65, 1, 130, 2, 700]
+    case = make_case(b=len(lengths), s_q=4, h_q=h_q, h_kv=h_kv, lengths=lengths, causal=True, dtype=dtype)
+    out, lse = check_case(case, num_sm=num_sm, implementation="cuda")
+    assert np.isposinf(lse[1, :, :3]).all() and (out[1, :3] == 0).all()
+    assert np.isfinite(lse[1, :, 3]).all()
+
+
 @pytest.mark.parametrize("num_sm", [1, 7, 132, 1000])
 def test_decode_any_partition_count(num_sm):
     case = make_case(b=9, s_q=2, s_k=3000, h_q=32, h_kv=2, varlen=True, causal=True, zero_fraction=0.2)
