@@ -212,9 +212,10 @@ bool run_case(const Case& c, std::mt19937& rng) {
           ++bad_lse;
         }
         const uint16_t* orow = &out[((static_cast<size_t>(i) * c.s_q + t) * c.h_q + h) * kHeadDimV];
+        auto ref_out = [&](int d) { return limit > 0 ? acc[d] / sum : 0.0; };
         int first_bad_d = -1;
         for (int d = 0; d < kHeadDimV; ++d) {
-          const double ref = limit > 0 ? acc[d] / sum : 0.0;
+          const double ref = ref_out(d);
           const double err = std::fabs(from_bits(orow[d], c.dtype) - ref);
           if (!(err <= 2e-3 + 2e-2 * std::fabs(ref))) {
             ++bad;
@@ -228,7 +229,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
             const int d = std::max(first_bad_d, 0);
             char line[256];
             std::snprintf(line, sizeof(line), "  request %d (length %d) token %d head %d: lse %g (ref %g), out[%d] %g (ref %g)\n",
-                          i, L, t, h, got_lse, ref_lse, d, from_bits(orow[d], c.dtype), limit > 0 ? acc[d] / sum : 0.0);
+                          i, L, t, h, got_lse, ref_lse, d, from_bits(orow[d], c.dtype), ref_out(d));
             report += line;
           }
         }
