@@ -166,8 +166,8 @@ if [ -n "$tests_pid" ]; then
 fi
 
 echo "== summary"
-for log in pytest_gpu pytest_gpu_nn pytest_suite pytest_grid; do
-  [ -f "$OUT/$log.log" ] && printf '%-13s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
+for log in pytest_gpu pytest_gpu_nn pytest_suite_0 pytest_suite_1 pytest_suite_2 pytest_grid; do
+  [ -f "$OUT/$log.log" ] && printf '%-15s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
 done
 for k in "${!status[@]}"; do printf '%-24s rc=%s\n' "$k" "${status[$k]}"; done | sort
 # The device tool returns 8 files: the JSON and PNG results, and the logs in one archive
