@@ -90,7 +90,6 @@ if want suite; then
     wait "${suite_pids[$i]}" || status[suite_on_gpu]=1
     echo "shard $i (${shards[$i]}): $(tail -1 "$OUT/pytest_suite_$i.log")"
   done
-  cat "$OUT"/pytest_suite_*.log > "$OUT/pytest_suite.log"
 fi
 
 if want grid; then

@@ -20,6 +20,22 @@ POISON_PAGE = 2147480000
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
+def kernel_skip_reason() -> str | None:
+    """Why the CUDA kernels do not run here (None where they do): the GPU marker's skip rule, and
+    which attention path a model takes by default."""
+    import jax_flashmla._ffi as ffi
+
+    devices = ffi.local_cuda_devices()
+    if not devices:
+        return "no CUDA device visible to JAX (GPU tests need an sm_90 H100/H200/H800)"
+    if not all(ffi.is_sm90(d) for d in devices):
+        kinds = ", ".join(sorted({d.device_kind for d in devices}))
+        return f"CUDA devices are not sm_90 ({kinds}); the kernels are built for sm_90a only"
+    if not ffi.extension_loaded():
+        return f"the CUDA extension is not installed: {ffi.build_info()['why_no_extension']}"
+    return None
+
+
 def fresh_seed() -> int:
     env = os.environ.get("JAX_FLASHMLA_TEST_SEED")
     return int(env) if env else secrets.randbits(32)
