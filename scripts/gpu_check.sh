@@ -110,7 +110,6 @@ if want grid; then
     wait "${grid_pids[$i]}" || status[grid]=1
     tail -4 "$OUT/pytest_grid_$i.log"
   done
-  cat "$OUT"/pytest_grid_*.log > "$OUT/pytest_grid.log"
 fi
 
 build_decode_harness() {
@@ -165,8 +164,9 @@ if [ -n "$tests_pid" ]; then
 fi
 
 echo "== summary"
-for log in pytest_gpu pytest_gpu_nn pytest_suite_0 pytest_suite_1 pytest_suite_2 pytest_grid; do
-  [ -f "$OUT/$log.log" ] && printf '%-15s %s\n' "$log" "$(grep -E "passed|failed|error" "$OUT/$log.log" | tail -1)"
+# Every shard's own line (a shard that failed early must not hide behind another's pass).
+for f in "$OUT"/pytest_gpu.log "$OUT"/pytest_gpu_nn.log "$OUT"/pytest_suite_*.log "$OUT"/pytest_grid_*.log; do
+  [ -f "$f" ] && printf '%-15s %s\n' "$(basename "$f" .log)" "$(grep -E "passed|failed|error" "$f" | tail -1)"
 done
 for k in "${!status[@]}"; do printf '%-24s rc=%s\n' "$k" "${status[$k]}"; done | sort
 # The device tool returns 8 files: the JSON and PNG results, and the logs in one archive
