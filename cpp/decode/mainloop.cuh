@@ -145,7 +145,7 @@ template <typename T, typename FragS>
 __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSrS) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma;
-  auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  auto thr = mma.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
   Tensor tSrQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, kHeadDim / 16)
@@ -181,7 +181,7 @@ template <typename T, typename FragO>
 __device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaO mma;
-  auto thr = mma.get_thread_slice(threadIdx.x % kWarpgroupThreads);
+  auto thr = mma.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
   Tensor sP = p_tile(smem, stage);
   Tensor sVt = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutVt{});
   Tensor sVtHalf = local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(wg, _0{}));

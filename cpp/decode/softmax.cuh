@@ -60,11 +60,12 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 // NaN cache slot must vanish). `key0` is the token of column 0; `limit[s]` is one past the last
 // key visible to row slot s. Only blocks that reach a limit call it (a uniform branch outside):
 // the per-logit compare and select are a quarter of the softmax's instructions.
-// The compare is signed: a causal row of a request shorter than s_q - 1 has a negative limit
-// (it sees no key). cS's coordinates are unsigned (the thread slice is taken at threadIdx.x), and
-// an unsigned compare turned limit -1 into 2^32 - 1, which left every logit of such a row
-// unmasked (NaN from the poisoned tail of the block; found by the decode harness's short-request
-// case).
+// The compare must be signed: a causal row of a request shorter than s_q - 1 has a negative
+// limit (it sees no key). CuTe's coordinates take the signedness of the thread index a slice is
+// taken at; at an unsigned threadIdx.x they were unsigned, limit -1 became 2^32 - 1, and every
+// logit of such a row stayed unmasked (NaN from the poisoned tail of the block; found by the
+// decode harness's short-request case). The slices are now taken at an int, and the casts below
+// keep the compare signed whatever the coordinate type.
 template <typename FragS, typename CoordS>
 __device__ void mask_invisible(FragS& s, const CoordS& cS, int key0, const int (&limit)[kRowsPerThread]) {
   CUTE_UNROLL
