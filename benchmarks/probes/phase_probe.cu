@@ -178,6 +178,7 @@ int main() {
       {"P8", 1, 1, 128, 65536, false},
       {"P10", 32, 4, 32, 4096, true},
       {"P6", 128, 2, 128, 8192, true},
+      {"P9", 8, 1, 16, 32768, false},
   };
   for (const Cell& c : cells) run_cell(c, num_sm);
   return 0;
