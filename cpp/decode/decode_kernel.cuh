@@ -97,7 +97,7 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
                                           float (&alpha)[kRowsPerThread], PhaseClock& clk) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma_s;
-  auto thr_s = mma_s.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
+  auto thr_s = mma_s.get_thread_slice(thread_in_warpgroup());
   Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
 #ifdef JAX_FLASHMLA_PHASE_CLOCKS
@@ -119,7 +119,7 @@ __device__ __forceinline__ void compute_p(const DecodeParams& p, SharedStorage<T
   for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
   // stmatrix: per-element stores need 32 live swizzled addresses.
   auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
-  auto p_copy_thr = p_copy.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
+  auto p_copy_thr = p_copy.get_thread_slice(thread_in_warpgroup());
   Tensor sP = p_tile(smem, stage);
   cute::copy(p_copy, p_copy_thr.retile_S(rP), p_copy_thr.partition_D(sP));
   // Warpgroup 1 has read the stage's previous factors: every one of its threads arrived on
@@ -147,7 +147,7 @@ __device__ __forceinline__ void run_consumer(const DecodeParams& p, SharedStorag
   const int lane = threadIdx.x % 32;
   const Partition pt = read_partition(p, part);
   typename Traits::TiledMmaO mma_o;
-  auto thr_o = mma_o.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
+  auto thr_o = mma_o.get_thread_slice(thread_in_warpgroup());
   // (row, column) of every accumulator element this thread holds.
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
   Tensor tOrO = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});

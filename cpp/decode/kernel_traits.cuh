@@ -10,6 +10,11 @@ namespace jax_flashmla::decode {
 
 using namespace cute;
 
+// This thread's index within its warpgroup, as an int. Every CuTe thread slice is taken at it:
+// CuTe's coordinates take the signedness of that index, and the causal mask compares them with
+// limits that can be negative (softmax.cuh's mask_invisible).
+__device__ __forceinline__ int thread_in_warpgroup() { return int(threadIdx.x % kWarpgroupThreads); }
+
 template <typename T>
 struct KernelTraits {
   static_assert(sizeof(T) == 2, "the kernels take bf16 or fp16");

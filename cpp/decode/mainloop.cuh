@@ -145,7 +145,7 @@ template <typename T, typename FragS>
 __device__ void gemm_qk(SharedStorage<T>& smem, int stage, int phase, FragS& tSrS) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaS mma;
-  auto thr = mma.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
+  auto thr = mma.get_thread_slice(thread_in_warpgroup());
   Tensor sQ = make_tensor(make_smem_ptr(smem.q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
   Tensor tSrQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, kHeadDim / 16)
@@ -181,7 +181,7 @@ template <typename T, typename FragO>
 __device__ void gemm_pv(SharedStorage<T>& smem, int stage, int wg, FragO& tOrO) {
   using Traits = KernelTraits<T>;
   typename Traits::TiledMmaO mma;
-  auto thr = mma.get_thread_slice(int(threadIdx.x % kWarpgroupThreads));
+  auto thr = mma.get_thread_slice(thread_in_warpgroup());
   Tensor sP = p_tile(smem, stage);
   Tensor sVt = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutVt{});
   Tensor sVtHalf = local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(wg, _0{}));
@@ -207,7 +207,7 @@ __device__ void zero_tail_v(SharedStorage<T>& smem, int stage, int valid) {
   constexpr int kChunkElems = 16 / int(sizeof(T));
   constexpr int kChunksPerRow = kHeadDimV / kChunkElems;
   Tensor sK = make_tensor(make_smem_ptr(smem.k[stage]), typename Traits::SmemLayoutK{});
-  const int tid = threadIdx.x % kWarpgroupThreads;
+  const int tid = thread_in_warpgroup();
   for (int idx = tid; idx < (kBlockN - valid) * kChunksPerRow; idx += kWarpgroupThreads) {
     const int token = valid + idx / kChunksPerRow;
     const int channel = (idx % kChunksPerRow) * kChunkElems;

@@ -64,14 +64,16 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 // limit (it sees no key). CuTe's coordinates take the signedness of the thread index a slice is
 // taken at; at an unsigned threadIdx.x they were unsigned, limit -1 became 2^32 - 1, and every
 // logit of such a row stayed unmasked (NaN from the poisoned tail of the block; found by the
-// decode harness's short-request case). The slices are now taken at an int, and the casts below
-// keep the compare signed whatever the coordinate type.
+// decode harness's short-request case). Slices are taken at thread_in_warpgroup() (an int); the
+// static_assert keeps it so.
 template <typename FragS, typename CoordS>
 __device__ void mask_invisible(FragS& s, const CoordS& cS, int key0, const int (&limit)[kRowsPerThread]) {
+  static_assert(std::is_signed_v<std::decay_t<decltype(get<1>(cS(0)))>>,
+                "take the thread slice at thread_in_warpgroup(): an unsigned key breaks negative limits");
   CUTE_UNROLL
   for (int i = 0; i < size(s); ++i) {
-    const int key = key0 + int(get<1>(cS(i)));
-    if (key >= limit[row_slot(int(get<0>(cS(i))))]) s(i) = -INFINITY;
+    const int key = key0 + get<1>(cS(i));
+    if (key >= limit[row_slot(get<0>(cS(i)))]) s(i) = -INFINITY;
   }
 }
 
