@@ -9,6 +9,11 @@
 //
 // Reports, per case, the bytes delivered into shared memory (all CTAs) per second, and the DRAM
 // bytes (distinct pages) per second.
+//
+// H100, 2026-12-07 (2 / 3 stages in flight; GB/s delivered): own pages 3283 / 3280 (HBM reads
+// alone reach ~3.3 TB/s, above the read+write copy ceiling of ~3.0); pairs 6420 / 6368; groups of
+// four 6696 / 7122; L2-resident pool 7363 / 7574. The decode kernel delivers ~4.8-5.1 TB/s on
+// P4-P6, so the fabric is not its ceiling (benchmarks/NOTES.md, thirtieth session).
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cstdio>
