@@ -156,12 +156,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     for (int b = 0; b < blocks; ++b) {
       warpgroup_fence_operand(tSrS);
+#ifdef PROTO_QK_ONE_BATCH  // every tile landed first, then one wgmma batch
+      CUTE_UNROLL
+      for (int t = 0; t < kNumKTiles; ++t) {
+        const int g = b * kNumKTiles + t;
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[g % kRingTiles], (g / kRingTiles) & 1);
+      }
+      warpgroup_arrive();
+#endif
       CUTE_UNROLL
       for (int t = 0; t < kNumKTiles; ++t) {
         const int g = b * kNumKTiles + t, slot = g % kRingTiles;
-        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[slot], (g / kRingTiles) & 1);
         Tensor sK = make_tensor(make_smem_ptr(slot_ptr(s, slot)), typename Traits::SmemLayoutKTile{});
+#ifndef PROTO_QK_ONE_BATCH
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[slot], (g / kRingTiles) & 1);
         warpgroup_arrive();
+#endif
         if (t < kQRegTiles) {
           Tensor tK = thr_rs.partition_fragment_B(sK);
           CUTE_UNROLL
@@ -176,16 +186,25 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int k = 0; k < kStepsPerTile; ++k)
             cute::gemm(mma_ss, tSrQ(_, _, (t - kQRegTiles) * kStepsPerTile + k), tK(_, _, k), tSrS);
         }
+#ifndef PROTO_QK_ONE_BATCH
         warpgroup_commit_batch();
+#endif
       }
+#ifdef PROTO_QK_ONE_BATCH
+      warpgroup_commit_batch();
+#endif
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       // QK^T was the RoPE tile's only reader.
       warp_arrive(&s.empty[(b * kNumKTiles + kRopeTile) % kRingTiles]);
 
       float mx[kRowsPerThread], alpha[kRowsPerThread];
+#ifdef PROTO_SKIP_SOFTMAX  // bound: P = S (wrong output on purpose)
+      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f, st.l[r] = 1.f, (void)mx[r];
+#else
       block_row_max(tSrS, cS, scale_log2, mx);
       softmax_update(tSrS, cS, scale_log2, st, mx, alpha);
+#endif
       Tensor rP = make_tensor_like<T>(tSrS);
       CUTE_UNROLL
       for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
@@ -237,8 +256,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       Tensor tOrV = thr.partition_fragment_B(sVtTile);
       // Tile j's [64, 64] accumulators, as the (V, M, N) tensor that gemm takes.
       Tensor acc = make_tensor(tOrO.data() + j * size<0>(tOrO), make_layout(make_shape(shape<0>(tOrO), _1{}, _1{})));
+#ifndef PROTO_SKIP_PV  // bound: no PV (wrong output on purpose)
       CUTE_UNROLL
       for (int k = 0; k < size<2>(tOrP); ++k) cute::gemm(mma, tOrP(_, _, k), tOrV(_, _, k), acc);
+#else
+      (void)acc;
+      (void)tOrV;
+#endif
     }
     warpgroup_commit_batch();
     warpgroup_wait<0>();
@@ -367,7 +391,11 @@ int main() {
   cudaFuncSetAttribute(three_roles, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   std::printf("shared memory %zu bytes\n", sizeof(Smem));
   // Correctness: 4 CTAs in pairs, 7 blocks (the ring wraps several times), float64 reference.
+#if defined(PROTO_SKIP_SOFTMAX) || defined(PROTO_SKIP_PV)
+  const Run c{0.f, 0.0};  // a bound: no check
+#else
   const Run c = run(encode, 4, 7, 2, 64, true, 1);
+#endif
   std::printf("check: 4 CTAs x 7 blocks, max abs err %.3g (%s)\n", c.max_err, c.max_err >= 0 && c.max_err < 2e-3 ? "ok" : "FAILED");
   if (!(c.max_err >= 0 && c.max_err < 2e-3)) return 1;
   // P4's attention kernel: 128 requests x 2 row blocks x 64 blocks = 16384 block tiles on 132 SMs.
