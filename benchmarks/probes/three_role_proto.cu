@@ -39,7 +39,7 @@ namespace proto {
 
 constexpr int kQRegTiles = 6;                       // Q column tiles in S's registers
 constexpr int kQSmemTiles = kNumKTiles - kQRegTiles;
-constexpr int kRingTiles = 23;
+constexpr int kRingTiles = 23;                      // 8 KiB K tiles the ring holds, either geometry
 constexpr int kPBufs = 2;
 constexpr int kSRegs = 160, kPvRegs = 160, kProdRegs = 32;
 constexpr int kThreads = 4 * kWarpgroupThreads;
@@ -55,14 +55,51 @@ struct Smem {
   alignas(1024) T p[kPBufs][kBlockM * kBlockN];
   float row_alpha[kPBufs][kBlockM];
   float row_sum[kBlockM];
-  alignas(8) uint64_t full[kRingTiles];
+  alignas(8) uint64_t full[kRingTiles];   // [Ring::kSlots] used
   alignas(8) uint64_t empty[kRingTiles];
   alignas(8) uint64_t p_full[kPBufs];
   alignas(8) uint64_t p_empty[kPBufs];
   alignas(8) uint64_t sum_full;
 };
 
-__device__ __forceinline__ T* slot_ptr(Smem& s, int slot) { return s.ring + slot * Traits::kTileElems; }
+// Where tile t of a CTA's block b lives in the ring, and which slot's barriers count it.
+// kPairs = false: one slot per tile, 23 slots. kPairs = true: V tiles in slots of two (so that a
+// PV wgmma of N = 128 reads two channel tiles at the stride of SmemLayoutVt), 10 of them, and the
+// RoPE tile in a ring of its own, 3 slots.
+template <bool kPairs>
+struct Ring;
+template <>
+struct Ring<false> {
+  static constexpr int kSlots = kRingTiles;
+  static constexpr int kPvN = kHeadDimTile;  // PV wgmma N: one channel tile
+  __device__ static int slot(int b, int t) { return (b * kNumKTiles + t) % kSlots; }
+  __device__ static int use(int b, int t) { return (b * kNumKTiles + t) / kSlots; }
+  __device__ static int first_tile(int slot) { return slot; }
+  __device__ static int tile_in_slot(int) { return 0; }
+  __device__ static int slot_tiles(int) { return 1; }
+};
+template <>
+struct Ring<true> {
+  static constexpr int kPairSlots = 10, kRopeSlots = 3, kSlots = kPairSlots + kRopeSlots;
+  static constexpr int kPairsPerBlock = kRopeTile / 2;
+  static constexpr int kPvN = 2 * kHeadDimTile;
+  static_assert(2 * kPairSlots + kRopeSlots == kRingTiles, "the same shared memory as single slots");
+  __device__ static int slot(int b, int t) {
+    return t < kRopeTile ? (b * kPairsPerBlock + t / 2) % kPairSlots : kPairSlots + b % kRopeSlots;
+  }
+  __device__ static int use(int b, int t) {
+    return t < kRopeTile ? (b * kPairsPerBlock + t / 2) / kPairSlots : b / kRopeSlots;
+  }
+  __device__ static int first_tile(int slot) { return slot < kPairSlots ? 2 * slot : slot + kPairSlots; }
+  __device__ static int tile_in_slot(int t) { return t < kRopeTile ? t % 2 : 0; }
+  __device__ static int slot_tiles(int slot) { return slot < kPairSlots ? 2 : 1; }
+};
+
+template <bool kPairs>
+__device__ __forceinline__ T* tile_ptr(Smem& s, int b, int t) {
+  using R = Ring<kPairs>;
+  return s.ring + (R::first_tile(R::slot(b, t)) + R::tile_in_slot(t)) * Traits::kTileElems;
+}
 
 __device__ __forceinline__ void tma_tile(const CUtensorMap* map, void* dst, uint64_t* bar, int c0, int page) {
   asm volatile(
@@ -78,6 +115,7 @@ __device__ __forceinline__ void warp_arrive(uint64_t* bar) {
   if (threadIdx.x % 32 == 0) cutlass::arch::ClusterBarrier::arrive(bar);
 }
 
+template <bool kPairs>
 __global__ void __launch_bounds__(kThreads, 1)
     three_roles(const __grid_constant__ CUtensorMap kmap, const T* q, const int* pages, T* out, int blocks, int share,
                 float scale_log2) {
@@ -87,9 +125,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = thread_in_warpgroup();
   const int* my_pages = pages + int64_t(blockIdx.x / share) * blocks;
   const T* my_q = q + int64_t(blockIdx.x) * kBlockM * kHeadDim;
+  using R = Ring<kPairs>;
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < kRingTiles; ++i) {
+    for (int i = 0; i < R::kSlots; ++i) {
       cutlass::arch::ClusterTransactionBarrier::init(&s.full[i], 1);
       cutlass::arch::ClusterBarrier::init(&s.empty[i], 4);  // the 4 warps of the releasing warpgroup
     }
@@ -108,10 +147,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int b = 0; b < blocks; ++b) {
         const int page = my_pages[b];
         for (int t = 0; t < kNumKTiles; ++t) {
-          const int g = b * kNumKTiles + t, slot = g % kRingTiles, use = g / kRingTiles;
-          cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (use & 1) ^ 1);
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[slot], Traits::kTileBytes);
-          tma_tile(&kmap, slot_ptr(s, slot), &s.full[slot], t * kHeadDimTile, page);
+          const int slot = R::slot(b, t);
+          if (R::tile_in_slot(t) == 0) {  // a slot's first tile: wait for its release, then expect all its tiles
+            cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (R::use(b, t) & 1) ^ 1);
+            cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[slot], R::slot_tiles(slot) * Traits::kTileBytes);
+          }
+          tma_tile(&kmap, tile_ptr<kPairs>(s, b, t), &s.full[slot], t * kHeadDimTile, page);
         }
       }
     }
@@ -158,18 +199,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_fence_operand(tSrS);
 #ifdef PROTO_QK_ONE_BATCH  // every tile landed first, then one wgmma batch
       CUTE_UNROLL
-      for (int t = 0; t < kNumKTiles; ++t) {
-        const int g = b * kNumKTiles + t;
-        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[g % kRingTiles], (g / kRingTiles) & 1);
-      }
+      for (int t = 0; t < kNumKTiles; ++t)
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
       warpgroup_arrive();
 #endif
       CUTE_UNROLL
       for (int t = 0; t < kNumKTiles; ++t) {
-        const int g = b * kNumKTiles + t, slot = g % kRingTiles;
-        Tensor sK = make_tensor(make_smem_ptr(slot_ptr(s, slot)), typename Traits::SmemLayoutKTile{});
+        Tensor sK = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t)), typename Traits::SmemLayoutKTile{});
 #ifndef PROTO_QK_ONE_BATCH
-        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[slot], (g / kRingTiles) & 1);
+        // (the second tile of a pair waits on the same phase again, which returns at once)
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
         warpgroup_arrive();
 #endif
         if (t < kQRegTiles) {
@@ -196,7 +235,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_wait<0>();
       warpgroup_fence_operand(tSrS);
       // QK^T was the RoPE tile's only reader.
-      warp_arrive(&s.empty[(b * kNumKTiles + kRopeTile) % kRingTiles]);
+      warp_arrive(&s.empty[R::slot(b, kRopeTile)]);
 
       float mx[kRowsPerThread], alpha[kRowsPerThread];
 #ifdef PROTO_SKIP_SOFTMAX  // bound: P = S (wrong output on purpose)
@@ -228,11 +267,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   // PV warpgroups.
   cutlass::arch::warpgroup_reg_alloc<kPvRegs>();
   const int half = wg - 1;
-  using MmaPv = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimTile>, Int<kBlockN>>,
+  // N = R::kPvN per wgmma (64: one V tile; 128: a pair). Not 256: ptxas checks each instruction
+  // against the launch bound's 128 registers, and an N = 256 fp32 accumulator alone is 128.
+  using MmaPv = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<R::kPvN>, Int<kBlockN>>,
                                                              GMMA::Major::K, GMMA::Major::MN>()));
+  constexpr int kPvChunks = kHalfDimV / R::kPvN;
+  constexpr int kTilesPerChunk = R::kPvN / kHeadDimTile;
   MmaPv mma;
   auto thr = mma.get_thread_slice(tid);
-  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));  // (MMA, 1, 4)
+  Tensor cO = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));  // (MMA, 1, kPvChunks)
   Tensor tOrO = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
   clear(tOrO);
   int rows[kRowsPerThread];
@@ -248,13 +291,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(tOrO);
     warpgroup_arrive();
     CUTE_UNROLL
-    for (int j = 0; j < kVTilesPerHalf; ++j) {
-      const int slot = (b * kNumKTiles + half * kVTilesPerHalf + j) % kRingTiles;
-      // V^T of one tile: [64 channels, 64 tokens] over the slot's [64 tokens, 64 channels].
-      Tensor sVt = make_tensor(make_smem_ptr(slot_ptr(s, slot)), typename Traits::SmemLayoutVt{});
-      Tensor sVtTile = local_tile(sVt, Shape<Int<kHeadDimTile>, Int<kBlockN>>{}, make_coord(_0{}, _0{}));
+    for (int j = 0; j < kPvChunks; ++j) {
+      const int t0 = half * kVTilesPerHalf + j * kTilesPerChunk;
+      // V^T of the chunk: [kPvN channels, 64 tokens] over its tiles' [64 tokens, 64 channels],
+      // consecutive tiles 8 KiB apart as in SmemLayoutVt.
+      Tensor sVt = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t0)), typename Traits::SmemLayoutVt{});
+      Tensor sVtTile = local_tile(sVt, Shape<Int<R::kPvN>, Int<kBlockN>>{}, make_coord(_0{}, _0{}));
       Tensor tOrV = thr.partition_fragment_B(sVtTile);
-      // Tile j's [64, 64] accumulators, as the (V, M, N) tensor that gemm takes.
+      // Chunk j's [64, kPvN] accumulators, as the (V, M, N) tensor that gemm takes.
       Tensor acc = make_tensor(tOrO.data() + j * size<0>(tOrO), make_layout(make_shape(shape<0>(tOrO), _1{}, _1{})));
 #ifndef PROTO_SKIP_PV  // bound: no PV (wrong output on purpose)
       CUTE_UNROLL
@@ -268,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
     CUTE_UNROLL
-    for (int j = 0; j < kVTilesPerHalf; ++j) warp_arrive(&s.empty[(b * kNumKTiles + half * kVTilesPerHalf + j) % kRingTiles]);
+    for (int j = 0; j < kVTilesPerHalf; j += kTilesPerChunk) warp_arrive(&s.empty[R::slot(b, half * kVTilesPerHalf + j)]);
     warp_arrive(&s.p_empty[pb]);
   }
   cutlass::arch::ClusterBarrier::wait(&s.sum_full, 0);
@@ -293,6 +337,7 @@ struct Run {
   double max_err;
 };
 
+template <bool kPairs>
 Run run(EncodeFn encode, int ctas, int blocks, int share, int pool_pages, bool check, int reps) {
   std::mt19937 rng(1234 + ctas + blocks);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -332,7 +377,7 @@ Run run(EncodeFn encode, int ctas, int blocks, int share, int pool_pages, bool c
   std::vector<float> times;
   for (int rep = 0; rep < reps + 1; ++rep) {
     cudaEventRecord(a);
-    three_roles<<<ctas, kThreads, sizeof(Smem)>>>(map, dq, dp, dout, blocks, share, scale_log2);
+    three_roles<kPairs><<<ctas, kThreads, sizeof(Smem)>>>(map, dq, dp, dout, blocks, share, scale_log2);
     cudaEventRecord(e);
     cudaEventSynchronize(e);
     float ms;
@@ -384,27 +429,36 @@ Run run(EncodeFn encode, int ctas, int blocks, int share, int pool_pages, bool c
 }  // namespace proto
 using namespace proto;
 
+template <bool kPairs>
+bool run_all(EncodeFn encode) {
+  const char* name = kPairs ? "V tile pairs, PV N = 128" : "single tiles, PV N = 64";
+  cudaFuncSetAttribute(three_roles<kPairs>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
+#if defined(PROTO_SKIP_SOFTMAX) || defined(PROTO_SKIP_PV)
+  const Run c{0.f, 0.0};  // a bound: no check
+#else
+  // Correctness: 4 CTAs in pairs, 7 blocks (the ring wraps several times), float64 reference.
+  const Run c = run<kPairs>(encode, 4, 7, 2, 64, true, 1);
+#endif
+  const bool ok = c.max_err >= 0 && c.max_err < 2e-3;
+  std::printf("[%s] check: 4 CTAs x 7 blocks, max abs err %.3g (%s)\n", name, c.max_err, ok ? "ok" : "FAILED");
+  if (!ok) return false;
+  // P4's attention kernel: 128 requests x 2 row blocks x 64 blocks = 16384 block tiles on 132 SMs.
+  const Run p4 = run<kPairs>(encode, 132, 124, 2, 66 * 124, false, 10);
+  std::printf("[%s] P4-like: 132 CTAs x 124 blocks (pairs share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", name,
+              p4.us, p4.us * 1980.0 / 124);
+  // P6's sharing: 4 row blocks a request, ~500 blocks a CTA.
+  const Run p6 = run<kPairs>(encode, 132, 496, 4, 33 * 496, false, 5);
+  std::printf("[%s] P6-like: 132 CTAs x 496 blocks (fours share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", name,
+              p6.us, p6.us * 1980.0 / 496);
+  return true;
+}
+
 int main() {
   EncodeFn encode = nullptr;
   cudaDriverEntryPointQueryResult q;
   cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), cudaEnableDefault, &q);
-  cudaFuncSetAttribute(three_roles, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   std::printf("shared memory %zu bytes\n", sizeof(Smem));
-  // Correctness: 4 CTAs in pairs, 7 blocks (the ring wraps several times), float64 reference.
-#if defined(PROTO_SKIP_SOFTMAX) || defined(PROTO_SKIP_PV)
-  const Run c{0.f, 0.0};  // a bound: no check
-#else
-  const Run c = run(encode, 4, 7, 2, 64, true, 1);
-#endif
-  std::printf("check: 4 CTAs x 7 blocks, max abs err %.3g (%s)\n", c.max_err, c.max_err >= 0 && c.max_err < 2e-3 ? "ok" : "FAILED");
-  if (!(c.max_err >= 0 && c.max_err < 2e-3)) return 1;
-  // P4's attention kernel: 128 requests x 2 row blocks x 64 blocks = 16384 block tiles on 132 SMs.
-  const Run p4 = run(encode, 132, 124, 2, 66 * 124, false, 10);
-  std::printf("P4-like: 132 CTAs x 124 blocks (pairs share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", p4.us,
-              p4.us * 1980.0 / 124);
-  // P6's sharing: 4 row blocks a request, ~500 blocks a CTA.
-  const Run p6 = run(encode, 132, 496, 4, 33 * 496, false, 5);
-  std::printf("P6-like: 132 CTAs x 496 blocks (fours share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", p6.us,
-              p6.us * 1980.0 / 496);
-  return 0;
+  const bool a = run_all<false>(encode);
+  const bool b = run_all<true>(encode);
+  return a && b ? 0 : 1;
 }
