@@ -2,10 +2,15 @@
 // (thirtieth session), to measure whether it beats today's loop before anyone integrates it.
 //   warpgroup 0 (S, 160 registers): QK^T with kQRegTiles of Q's column tiles as RS A fragments
 //     and the rest from shared memory, the online softmax, P into one of two P buffers;
-//   warpgroups 1, 2 (PV, 160): O half += P V_half (N = 64 wgmmas, one per V tile), the rescale;
+//   warpgroups 1, 2 (PV, 160): O half += P V_half, the rescale;
 //   warpgroup 3 (producer, 32): one thread copies K tile by tile into a ring of kRingTiles.
 // A V tile's slot is freed by its PV warpgroup, the RoPE tile's by S after QK^T, so the ring
-// keeps ~2.6 blocks in flight where today's two stages keep two.
+// keeps ~2.6 blocks in flight where today's two stages keep two. Two ring geometries (Ring<>):
+// a slot per tile with N = 64 PV wgmmas, or V tiles in slots of two with N = 128 ones.
+// Bounds (wrong output on purpose): -DPROTO_SKIP_SOFTMAX, -DPROTO_SKIP_PV; -DPROTO_QK_ONE_BATCH
+// waits for a block's nine tiles and then issues QK^T as one wgmma batch.
+// H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us,
+// slower than today's kernel; the bounds and the next steps are in benchmarks/NOTES.md (attempt 65).
 // Work: every CTA one piece of `blocks` full 64-token blocks and 64 query rows, h_kv = 1; CTAs
 // in groups of `share` read the same pages (P4: 2 row blocks a request, P6: 4). Output: the
 // normalised O (bf16), checked against a float64 CPU reference on a small case, then timed on a
