@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE MACHINE (an H100), from the repository root, carrying .whl: the three-role
+# prototype (benchmarks/probes/three_role_proto.cu; benchmarks/NOTES.md, attempt 65) in its
+# variants, built side by side, each checked against float64 (bounds excepted) and timed on P4-
+# and P6-sized work, both ring geometries (single tiles, V pairs). ~3 minutes.
+#   PROTO_VARIANTS: ';'-separated nvcc flag sets (default: base; one QK^T batch; no PV; no PV and
+#   no softmax). "base" means no flags.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+include=/tmp/site/cutlass_library/source/include
+IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:-base;-DPROTO_QK_ONE_BATCH;-DPROTO_SKIP_PV;-DPROTO_SKIP_PV -DPROTO_SKIP_SOFTMAX}"
+for i in "${!variants[@]}"; do
+  flags=${variants[$i]}
+  [ "$flags" = base ] && flags=""
+  # shellcheck disable=SC2086  # flags are words
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr $flags -Icpp -isystem "$include" \
+    -o "/tmp/proto_$i" benchmarks/probes/three_role_proto.cu >"/tmp/proto_build_$i.log" 2>&1 &
+done
+wait
+for i in "${!variants[@]}"; do
+  echo "== ${variants[$i]}"
+  if [ ! -x "/tmp/proto_$i" ]; then grep -m5 error "/tmp/proto_build_$i.log"; continue; fi
+  timeout 90 "/tmp/proto_$i" | grep -v warning
+  echo "rc=${PIPESTATUS[0]}"
+done
