@@ -462,6 +462,12 @@ int main() {
   EncodeFn encode = nullptr;
   cudaDriverEntryPointQueryResult q;
   cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), cudaEnableDefault, &q);
+  int sm = 0, dev = 0;
+  if (encode == nullptr || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || sm != 9) {
+    std::printf("needs an sm_90 GPU and the CUDA driver\n");
+    return 2;
+  }
   std::printf("shared memory %zu bytes\n", sizeof(Smem));
   const bool a = run_all<false>(encode);
   const bool b = run_all<true>(encode);
