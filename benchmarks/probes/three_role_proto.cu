@@ -18,6 +18,7 @@
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
 //     -isystem <cutlass include> -o /tmp/three_role_proto benchmarks/probes/three_role_proto.cu
+// (scripts/proto_check.sh builds and runs its variants on the device.)
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -33,6 +34,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "config.h"
+#include "tma_probe.cuh"  // the driver's tensor-map encoder and the K map of the TMA probes
 #include "decode/kernel_traits.cuh"
 #include "decode/softmax.cuh"
 
@@ -42,7 +44,12 @@ using namespace jax_flashmla::decode;
 
 namespace proto {
 
-constexpr int kQRegTiles = 6;                       // Q column tiles in S's registers
+#ifndef Q_REG_TILES
+#define Q_REG_TILES 6
+#endif
+// Q column tiles in S's registers. At 160 registers 5 and 6 compile without spills; 7 spills and
+// serialises the wgmma chain (build with -DQ_REG_TILES=7 -Xptxas -v to see it).
+constexpr int kQRegTiles = Q_REG_TILES;
 constexpr int kQSmemTiles = kNumKTiles - kQRegTiles;
 constexpr int kRingTiles = 23;                      // 8 KiB K tiles the ring holds, either geometry
 constexpr int kPBufs = 2;
@@ -331,9 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-typedef CUresult (*EncodeFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
-                             const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                             CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static_assert(kCh == kHeadDim && kTok == kBlockN && kBoxCh == kHeadDimTile, "the K map of tma_probe.cuh is this kernel's");
 
 float bf(T x) { return float(x); }
 
@@ -366,11 +371,7 @@ Run run(EncodeFn encode, int ctas, int blocks, int share, int pool_pages, bool c
   cudaMemcpy(dk, hk.data(), hk.size() * sizeof(T), cudaMemcpyHostToDevice);
   cudaMemcpy(dp, hp.data(), hp.size() * sizeof(int), cudaMemcpyHostToDevice);
   CUtensorMap map;
-  cuuint64_t dims[3] = {kHeadDim, kBlockN, cuuint64_t(pool_pages)};
-  cuuint64_t strides[2] = {kHeadDim * sizeof(T), cuuint64_t(kBlockN) * kHeadDim * sizeof(T)};
-  cuuint32_t box[3] = {kHeadDimTile, kBlockN, 1}, estr[3] = {1, 1, 1};
-  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, dk, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+  if (encode_k_map(encode, &map, dk, pool_pages, CU_TENSOR_MAP_L2_PROMOTION_L2_128B) != CUDA_SUCCESS) {
     std::printf("tensor map encode failed\n");
     return {-1, -1};
   }
@@ -459,9 +460,7 @@ bool run_all(EncodeFn encode) {
 }
 
 int main() {
-  EncodeFn encode = nullptr;
-  cudaDriverEntryPointQueryResult q;
-  cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), cudaEnableDefault, &q);
+  const EncodeFn encode = load_encoder();
   int sm = 0, dev = 0;
   if (encode == nullptr || cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&sm, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || sm != 9) {
