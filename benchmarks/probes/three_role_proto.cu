@@ -7,8 +7,10 @@
 // A V tile's slot is freed by its PV warpgroup, the RoPE tile's by S after QK^T, so the ring
 // keeps ~2.6 blocks in flight where today's two stages keep two. Two ring geometries (Ring<>):
 // a slot per tile with N = 64 PV wgmmas, or V tiles in slots of two with N = 128 ones.
-// Bounds (wrong output on purpose): -DPROTO_SKIP_SOFTMAX, -DPROTO_SKIP_PV; -DPROTO_QK_ONE_BATCH
-// waits for a block's nine tiles and then issues QK^T as one wgmma batch.
+// Bounds (wrong output on purpose): -DPROTO_SKIP_SOFTMAX, -DPROTO_SKIP_PV, -DPROTO_NO_REFILL; -DPROTO_QK_ONE_BATCH
+// waits for a block's nine tiles and then issues QK^T as one wgmma batch; -DPROTO_QK_FIRST hands
+// P(b - 1) to the PV warpgroups only after QK^T(b) is issued (tensor-core queue order), with
+// -DPROTO_PV_AFTER_QK only after QK^T(b) has finished.
 // H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us,
 // slower than today's kernel; the bounds and the next steps are in benchmarks/NOTES.md (attempt 65).
 // Work: every CTA one piece of `blocks` full 64-token blocks and 64 query rows, h_kv = 1; CTAs
@@ -162,8 +164,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int slot = R::slot(b, t);
           if (R::tile_in_slot(t) == 0) {  // a slot's first tile: wait for its release, then expect all its tiles
             cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (R::use(b, t) & 1) ^ 1);
+#ifdef PROTO_NO_REFILL  // bound: each slot is copied once, then reused as it is (wrong output on purpose)
+            if (R::use(b, t) > 0) {
+              cutlass::arch::ClusterBarrier::arrive(&s.full[slot]);
+              continue;
+            }
+#endif
             cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.full[slot], R::slot_tiles(slot) * Traits::kTileBytes);
           }
+#ifdef PROTO_NO_REFILL
+          if (R::use(b, t) > 0) continue;
+#endif
           tma_tile(&kmap, tile_ptr<kPairs>(s, b, t), &s.full[slot], t * kHeadDimTile, page);
         }
       }
@@ -244,7 +255,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef PROTO_QK_ONE_BATCH
       warpgroup_commit_batch();
 #endif
+#ifdef PROTO_QK_FIRST
+      // P(b - 1) is handed over only now, so that QK^T(b) is queued on the tensor cores ahead of
+      // PV(b - 1), and PV(b - 1) runs under softmax(b) instead of stretching QK^T(b).
+#ifndef PROTO_PV_AFTER_QK
+      if (b > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(b - 1) % kPBufs]);
+#endif
+#endif
       warpgroup_wait<0>();
+#ifdef PROTO_PV_AFTER_QK
+      // Later still: PV(b - 1) starts when QK^T(b) has finished, so that it shares the tensor
+      // cores with nothing and runs under softmax(b).
+      if (b > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(b - 1) % kPBufs]);
+#endif
       warpgroup_fence_operand(tSrS);
       // QK^T was the RoPE tile's only reader.
       warp_arrive(&s.empty[R::slot(b, kRopeTile)]);
@@ -266,8 +289,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid % 4 == 0)
         for (int r = 0; r < kRowsPerThread; ++r) s.row_alpha[pb][rows[r]] = alpha[r];
       cutlass::arch::fence_view_async_shared();
+#ifndef PROTO_QK_FIRST
       cutlass::arch::ClusterBarrier::arrive(&s.p_full[pb]);
+#endif
     }
+#ifdef PROTO_QK_FIRST
+    if (blocks > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(blocks - 1) % kPBufs]);
+#endif
     for (int r = 0; r < kRowsPerThread; ++r) {
       const float l = quad_sum(st.l[r]);
       if (tid % 4 == 0) s.row_sum[rows[r]] = l;
@@ -439,7 +467,7 @@ template <bool kPairs>
 bool run_all(EncodeFn encode) {
   const char* name = kPairs ? "V tile pairs, PV N = 128" : "single tiles, PV N = 64";
   cudaFuncSetAttribute(three_roles<kPairs>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
-#if defined(PROTO_SKIP_SOFTMAX) || defined(PROTO_SKIP_PV)
+#if defined(PROTO_SKIP_SOFTMAX) || defined(PROTO_SKIP_PV) || defined(PROTO_NO_REFILL)
   const Run c{0.f, 0.0};  // a bound: no check
 #else
   // Correctness: 4 CTAs in pairs, 7 blocks (the ring wraps several times), float64 reference.
