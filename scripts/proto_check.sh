@@ -18,8 +18,10 @@ for i in "${!variants[@]}"; do
 done
 wait
 for i in "${!variants[@]}"; do
-  echo "== ${variants[$i]}"
+  echo "== ${variants[$i]}" | tee "${OUT:-/tmp}/proto_$i.log"
   if [ ! -x "/tmp/proto_$i" ]; then grep -m5 error "/tmp/proto_build_$i.log"; continue; fi
-  timeout 90 "/tmp/proto_$i" | grep -v warning
-  echo "rc=${PIPESTATUS[0]}"
+  # each variant's lines also go to $OUT (when the device tool sets it), so that a call that runs
+  # past its limit still returns the variants that finished
+  timeout 90 "/tmp/proto_$i" | grep --line-buffered -v warning | tee -a "${OUT:-/tmp}/proto_$i.log"
+  echo "rc=${PIPESTATUS[0]}" | tee -a "${OUT:-/tmp}/proto_$i.log"
 done
