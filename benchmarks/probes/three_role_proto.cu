@@ -109,6 +109,40 @@ struct Ring<true> {
   __device__ static int slot_tiles(int slot) { return slot < kPairSlots ? 2 : 1; }
 };
 
+// -DPROTO_TIMELINE: SM clock stamps of CTA 0's roles at the phase edges of kTlBlocks blocks in
+// the steady state, printed as offsets from S's block start (where each block's time goes, and
+// which role waits for which). One thread per role stores them; nothing else changes.
+enum TlEvent {
+  kTlSStart,      // S: block b begins (before its tile waits)
+  kTlSLanded,     // S: the last tile wait of b returned
+  kTlSIssued,     // S: QK^T(b) committed
+  kTlSDone,       // S: QK^T(b) finished (wgmma wait)
+  kTlSSoftmax,    // S: row max and softmax done
+  kTlSHanded,     // S: P(b) stored (and handed over, unless PROTO_QK_FIRST)
+  kTlAWake,       // PV A: P(b) seen
+  kTlAIssued,     // PV A: PV(b) committed
+  kTlADone,       // PV A: PV(b) finished
+  kTlBWake,       // PV B: the same three
+  kTlBIssued,
+  kTlBDone,
+  kTlProdSlot,    // producer: b's first slot released to it
+  kTlProdIssued,  // producer: b's last tile copy issued
+  kTlEvents
+};
+constexpr int kTlFirst = 48, kTlBlocks = 64;
+#ifdef PROTO_TIMELINE
+__device__ long long g_timeline[kTlBlocks][kTlEvents];
+#define TL(ev, b)                                                                     \
+  do {                                                                                \
+    if (blockIdx.x == 0 && tid == 0 && (b) >= kTlFirst && (b) < kTlFirst + kTlBlocks) \
+      g_timeline[(b) - kTlFirst][ev] = clock64();                                     \
+  } while (0)
+#else
+#define TL(ev, b) \
+  do {            \
+  } while (0)
+#endif
+
 template <bool kPairs>
 __device__ __forceinline__ T* tile_ptr(Smem& s, int b, int t) {
   using R = Ring<kPairs>;
@@ -164,6 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int slot = R::slot(b, t);
           if (R::tile_in_slot(t) == 0) {  // a slot's first tile: wait for its release, then expect all its tiles
             cutlass::arch::ClusterBarrier::wait(&s.empty[slot], (R::use(b, t) & 1) ^ 1);
+            if (t == 0) TL(kTlProdSlot, b);
 #ifdef PROTO_NO_REFILL  // bound: each slot is copied once, then reused as it is (wrong output on purpose)
             if (R::use(b, t) > 0) {
               cutlass::arch::ClusterBarrier::arrive(&s.full[slot]);
@@ -177,6 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
           tma_tile(&kmap, tile_ptr<kPairs>(s, b, t), &s.full[slot], t * kHeadDimTile, page);
         }
+        TL(kTlProdIssued, b);
       }
     }
     return;
@@ -219,11 +255,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto p_thr = p_copy.get_thread_slice(tid);
 
     for (int b = 0; b < blocks; ++b) {
+      TL(kTlSStart, b);
       warpgroup_fence_operand(tSrS);
 #ifdef PROTO_QK_ONE_BATCH  // every tile landed first, then one wgmma batch
       CUTE_UNROLL
       for (int t = 0; t < kNumKTiles; ++t)
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
+      TL(kTlSLanded, b);
       warpgroup_arrive();
 #endif
       CUTE_UNROLL
@@ -232,6 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifndef PROTO_QK_ONE_BATCH
         // (the second tile of a pair waits on the same phase again, which returns at once)
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
+        if (t == kNumKTiles - 1) TL(kTlSLanded, b);
         warpgroup_arrive();
 #endif
         if (t < kQRegTiles) {
@@ -255,6 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef PROTO_QK_ONE_BATCH
       warpgroup_commit_batch();
 #endif
+      TL(kTlSIssued, b);
 #ifdef PROTO_QK_FIRST
       // P(b - 1) is handed over only now, so that QK^T(b) is queued on the tensor cores ahead of
       // PV(b - 1), and PV(b - 1) runs under softmax(b) instead of stretching QK^T(b).
@@ -269,6 +309,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (b > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(b - 1) % kPBufs]);
 #endif
       warpgroup_fence_operand(tSrS);
+      TL(kTlSDone, b);
       // QK^T was the RoPE tile's only reader.
       warp_arrive(&s.empty[R::slot(b, kRopeTile)]);
 
@@ -279,6 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       block_row_max(tSrS, cS, scale_log2, mx);
       softmax_update(tSrS, cS, scale_log2, st, mx, alpha);
 #endif
+      TL(kTlSSoftmax, b);
       Tensor rP = make_tensor_like<T>(tSrS);
       CUTE_UNROLL
       for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
@@ -292,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifndef PROTO_QK_FIRST
       cutlass::arch::ClusterBarrier::arrive(&s.p_full[pb]);
 #endif
+      TL(kTlSHanded, b);
     }
 #ifdef PROTO_QK_FIRST
     if (blocks > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(blocks - 1) % kPBufs]);
@@ -323,6 +366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int b = 0; b < blocks; ++b) {
     const int pb = b % kPBufs, puse = b / kPBufs;
     cutlass::arch::ClusterBarrier::wait(&s.p_full[pb], puse & 1);
+    TL(half ? kTlBWake : kTlAWake, b);
     float alpha[kRowsPerThread];
     for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = s.row_alpha[pb][rows[r]];
     rescale_output(tOrO, cO, alpha);
@@ -349,8 +393,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
     }
     warpgroup_commit_batch();
+    TL(half ? kTlBIssued : kTlAIssued, b);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tOrO);
+    TL(half ? kTlBDone : kTlADone, b);
     CUTE_UNROLL
     for (int j = 0; j < kVTilesPerHalf; j += kTilesPerChunk) warp_arrive(&s.empty[R::slot(b, half * kVTilesPerHalf + j)]);
     warp_arrive(&s.p_empty[pb]);
@@ -471,6 +517,33 @@ Run run(EncodeFn encode, int ctas, int blocks, int share, int pool_pages, bool c
 }  // namespace proto
 using namespace proto;
 
+// The last launch's timeline (PROTO_TIMELINE): each event's cycles after S began the same block,
+// mean and range over the recorded blocks, and the mean block period.
+void print_timeline(const char* what) {
+#ifdef PROTO_TIMELINE
+  static const char* names[kTlEvents] = {"S start",     "S tiles landed", "S QK^T issued", "S QK^T done", "S softmax done",
+                                         "S P handed",  "A P seen",       "A PV issued",   "A PV done",   "B P seen",
+                                         "B PV issued", "B PV done",      "prod slot",     "prod issued"};
+  long long h[kTlBlocks][kTlEvents];
+  cudaMemcpyFromSymbol(h, g_timeline, sizeof(h));
+  double period = 0;
+  for (int i = 0; i + 1 < kTlBlocks; ++i) period += double(h[i + 1][kTlSStart] - h[i][kTlSStart]);
+  std::printf("  timeline %s, CTA 0, blocks %d-%d: period %.0f cycles\n", what, kTlFirst, kTlFirst + kTlBlocks - 1,
+              period / (kTlBlocks - 1));
+  for (int e = 1; e < kTlEvents; ++e) {
+    double sum = 0;
+    long long lo = 1LL << 62, hi = -lo;
+    for (int i = 0; i < kTlBlocks; ++i) {
+      const long long d = h[i][e] - h[i][kTlSStart];
+      sum += double(d), lo = std::min(lo, d), hi = std::max(hi, d);
+    }
+    std::printf("    %-15s %+7.0f  (%lld .. %lld)\n", names[e], sum / kTlBlocks, lo, hi);
+  }
+#else
+  (void)what;
+#endif
+}
+
 template <bool kPairs>
 bool run_all(EncodeFn encode) {
   const char* name = kPairs ? "V tile pairs, PV N = 128" : "single tiles, PV N = 64";
@@ -488,10 +561,12 @@ bool run_all(EncodeFn encode) {
   const Run p4 = run<kPairs>(encode, 132, 124, 2, 66 * 124, false, 10);
   std::printf("[%s] P4-like: 132 CTAs x 124 blocks (pairs share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", name,
               p4.us, p4.us * 1980.0 / 124);
+  print_timeline("P4-like");
   // P6's sharing: 4 row blocks a request, ~500 blocks a CTA.
   const Run p6 = run<kPairs>(encode, 132, 496, 4, 33 * 496, false, 5);
   std::printf("[%s] P6-like: 132 CTAs x 496 blocks (fours share pages): %.1f us, %.0f cycles/block at 1980 MHz\n", name,
               p6.us, p6.us * 1980.0 / 496);
+  print_timeline("P6-like");
   return true;
 }
 
