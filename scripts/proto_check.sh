@@ -4,13 +4,14 @@
 # variants, built side by side, each checked against float64 (bounds excepted) and timed on P4-
 # and P6-sized work, both ring geometries (single tiles, V pairs). ~3 minutes.
 #   PROTO_VARIANTS: ';'-separated nvcc flag sets. "base" means no flags. The default (for the
-#   thirty-second session): the timeline of the prototype, with and without K refills, then the
+#   thirty-second session): the timeline of the prototype, with and without K refills, and
+#   without refills with PV(b - 1) held until QK^T(b) is done; then the
 #   tensor work alone (no refills, no softmax), then QK^T alone: whether the PV and QK^T wgmmas
 #   of different warpgroups stretch each other, and by how much.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 include=/tmp/site/cutlass_library/source/include
-IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_TIMELINE;-DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX -DPROTO_SKIP_PV}"
+IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_TIMELINE;-DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_TIMELINE -DPROTO_NO_REFILL -DPROTO_QK_FIRST -DPROTO_PV_AFTER_QK;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX -DPROTO_SKIP_PV}"
 for i in "${!variants[@]}"; do
   flags=${variants[$i]}
   [ "$flags" = base ] && flags=""
