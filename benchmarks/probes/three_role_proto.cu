@@ -11,8 +11,10 @@
 // waits for a block's nine tiles and then issues QK^T as one wgmma batch; -DPROTO_QK_FIRST hands
 // P(b - 1) to the PV warpgroups only after QK^T(b) is issued (tensor-core queue order), with
 // -DPROTO_PV_AFTER_QK only after QK^T(b) has finished.
-// H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us,
-// slower than today's kernel; the bounds and the next steps are in benchmarks/NOTES.md (attempt 65).
+// H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us;
+// V pairs: 271 us, 946-958 us. Slower than today's kernel, and no hand-over order helps; the
+// bounds, a model of the period and the next steps are in benchmarks/NOTES.md (attempt 65,
+// thirtieth and thirty-first sessions).
 // Work: every CTA one piece of `blocks` full 64-token blocks and 64 query rows, h_kv = 1; CTAs
 // in groups of `share` read the same pages (P4: 2 row blocks a request, P6: 4). Output: the
 // normalised O (bf16), checked against a float64 CPU reference on a small case, then timed on a
@@ -45,6 +47,10 @@ using namespace jax_flashmla;
 using namespace jax_flashmla::decode;
 
 namespace proto {
+
+#if defined(PROTO_PV_AFTER_QK) && !defined(PROTO_QK_FIRST)
+#define PROTO_QK_FIRST  // the later hand-over moves the same arrive further
+#endif
 
 #ifndef Q_REG_TILES
 #define Q_REG_TILES 6
