@@ -19,17 +19,21 @@ IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_TIMELINE;-DPROTO_TIMEL
 # rest are built on the spot.
 bin=.device/proto
 mkdir -p "$bin"
+# A prebuilt binary is used only if it was built from these sources (the probe and every project
+# header it includes) with these flags; otherwise it is rebuilt, never run stale.
+sources=$(cat benchmarks/probes/three_role_proto.cu benchmarks/probes/tma_probe.cuh cpp/config.h cpp/decode/*.cuh | sha1sum | cut -c1-16)
 for i in "${!variants[@]}"; do
   flags=${variants[$i]}
   [ "$flags" = base ] && flags=""
-  if [ -z "${PROTO_PREBUILD:-}" ] && [ -x "$bin/proto_$i" ] && [ "$(cat "$bin/proto_$i.flags" 2>/dev/null)" = "$flags" ]; then
+  stamp="$sources $flags"
+  if [ -z "${PROTO_PREBUILD:-}" ] && [ -x "$bin/proto_$i" ] && [ "$(cat "$bin/proto_$i.flags" 2>/dev/null)" = "$stamp" ]; then
     continue
   fi
   rm -f "$bin/proto_$i" "$bin/proto_$i.flags"
   # shellcheck disable=SC2086  # flags are words
   (nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr $flags -Icpp -isystem "$include" \
     -o "$bin/proto_$i" benchmarks/probes/three_role_proto.cu >"/tmp/proto_build_$i.log" 2>&1 &&
-    echo "$flags" >"$bin/proto_$i.flags") &
+    echo "$stamp" >"$bin/proto_$i.flags") &
   # two cores here: build two at a time
   [ -n "${PROTO_PREBUILD:-}" ] && (( i % 2 == 1 )) && wait
 done
