@@ -10,7 +10,11 @@
 // Bounds (wrong output on purpose): -DPROTO_SKIP_SOFTMAX, -DPROTO_SKIP_PV, -DPROTO_NO_REFILL; -DPROTO_QK_ONE_BATCH
 // waits for a block's nine tiles and then issues QK^T as one wgmma batch; -DPROTO_QK_FIRST hands
 // P(b - 1) to the PV warpgroups only after QK^T(b) is issued (tensor-core queue order), with
-// -DPROTO_PV_AFTER_QK only after QK^T(b) has finished.
+// -DPROTO_PV_AFTER_QK only after QK^T(b) has finished. -DPROTO_DOUBLE_S: S keeps two score
+// accumulators and issues the first PROTO_EARLY_TILES tiles of QK^T(b + 1) before softmax(b), the
+// rest after handing P(b) over, so that the tensor cores have queued work while the softmax runs
+// (FlashAttention-3's intra-warpgroup overlap; NOTES, thirty-second session). It needs 32 more
+// registers in S, so fewer of Q's tiles in registers and a ring that shrinks to what fits.
 // H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us;
 // V pairs: 271 us, 946-958 us. Slower than today's kernel, and no hand-over order helps; the
 // bounds, a model of the period and the next steps are in benchmarks/NOTES.md (attempt 65,
@@ -52,16 +56,41 @@ namespace proto {
 #define PROTO_QK_FIRST  // the later hand-over moves the same arrive further
 #endif
 
+#if defined(PROTO_DOUBLE_S) && (defined(PROTO_QK_FIRST) || defined(PROTO_QK_ONE_BATCH))
+#error "PROTO_DOUBLE_S has its own issue order"
+#endif
 #ifndef Q_REG_TILES
+#ifdef PROTO_DOUBLE_S
+#define Q_REG_TILES 4
+#else
 #define Q_REG_TILES 6
+#endif
+#endif
+#ifndef PROTO_EARLY_TILES
+#define PROTO_EARLY_TILES 3
 #endif
 // Q column tiles in S's registers. At 160 registers 5 and 6 compile without spills; 7 spills and
 // serialises the wgmma chain (build with -DQ_REG_TILES=7 -Xptxas -v to see it).
 constexpr int kQRegTiles = Q_REG_TILES;
 constexpr int kQSmemTiles = kNumKTiles - kQRegTiles;
-constexpr int kRingTiles = 23;                      // 8 KiB K tiles the ring holds, either geometry
 constexpr int kPBufs = 2;
-constexpr int kSRegs = 160, kPvRegs = 160, kProdRegs = 32;
+// Tiles of QK^T(b + 1) issued before softmax(b) (PROTO_DOUBLE_S). Their slots held block b - 2's
+// last tiles or b - 1's first, so with a ring of 21-23 tiles they have landed by then; later
+// ones would wait for PV(b - 1)'s release and a refill.
+constexpr int kEarlyTiles = PROTO_EARLY_TILES;
+static_assert(kEarlyTiles > 0 && kEarlyTiles < kNumKTiles, "both issue groups non-empty");
+#ifndef PROTO_S_REGS
+#define PROTO_S_REGS 160
+#endif
+#ifndef PROTO_PROD_REGS
+#define PROTO_PROD_REGS 32
+#endif
+constexpr int kSRegs = PROTO_S_REGS, kPvRegs = 160, kProdRegs = PROTO_PROD_REGS;
+// 8 KiB K tiles the ring holds, either geometry: what the Q tiles in shared memory, the P buffers
+// and ~2 KiB of row state and barriers leave of the 227 KiB (23 with 6 of Q's tiles in registers).
+constexpr int kSmemLimit = 227 * 1024, kSmemSmall = 2048;
+constexpr int kRingTiles = (kSmemLimit - kSmemSmall - (kQSmemTiles + kPBufs) * kHeadDimTile * kBlockN * 2) /
+                           (kHeadDimTile * kBlockN * 2);
 constexpr int kThreads = 4 * kWarpgroupThreads;
 constexpr int kVTilesPerHalf = kHalfDimV / kHeadDimTile;
 static_assert((kSRegs + 2 * kPvRegs + kProdRegs) * kWarpgroupThreads <= 65536, "register file");
@@ -84,8 +113,8 @@ struct Smem {
 
 // Where tile t of a CTA's block b lives in the ring, and which slot's barriers count it.
 // kPairs = false: one slot per tile, 23 slots. kPairs = true: V tiles in slots of two (so that a
-// PV wgmma of N = 128 reads two channel tiles at the stride of SmemLayoutVt), 10 of them, and the
-// RoPE tile in a ring of its own, 3 slots.
+// PV wgmma of N = 128 reads two channel tiles at the stride of SmemLayoutVt), 10 of them (9 with
+// PROTO_DOUBLE_S), and the RoPE tile in a ring of its own, 3 slots.
 template <bool kPairs>
 struct Ring;
 template <>
@@ -100,10 +129,10 @@ struct Ring<false> {
 };
 template <>
 struct Ring<true> {
-  static constexpr int kPairSlots = 10, kRopeSlots = 3, kSlots = kPairSlots + kRopeSlots;
+  static constexpr int kRopeSlots = 3, kPairSlots = (kRingTiles - kRopeSlots) / 2, kSlots = kPairSlots + kRopeSlots;
   static constexpr int kPairsPerBlock = kRopeTile / 2;
   static constexpr int kPvN = 2 * kHeadDimTile;
-  static_assert(2 * kPairSlots + kRopeSlots == kRingTiles, "the same shared memory as single slots");
+  static_assert(2 * kPairSlots + kRopeSlots <= kRingTiles, "no more shared memory than single slots");
   __device__ static int slot(int b, int t) {
     return t < kRopeTile ? (b * kPairsPerBlock + t / 2) % kPairSlots : kPairSlots + b % kRopeSlots;
   }
@@ -260,6 +289,92 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_ss);
     auto p_thr = p_copy.get_thread_slice(tid);
 
+#ifdef PROTO_DOUBLE_S
+    // Tiles [T0, T1) of QK^T(b) into acc, each issued once it has landed, a commit per tile.
+    auto issue_qk = [&](auto& acc, int b, auto T0, auto T1) {
+      CUTE_UNROLL
+      for (int t = decltype(T0)::value; t < decltype(T1)::value; ++t) {
+        Tensor sK = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t)), typename Traits::SmemLayoutKTile{});
+        cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
+        warpgroup_arrive();
+        if (t < kQRegTiles) {
+          Tensor tK = thr_rs.partition_fragment_B(sK);
+          CUTE_UNROLL
+          for (int k = 0; k < kStepsPerTile; ++k) {
+            mma_rs.accumulate_ = (t == 0 && k == 0) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+            cute::gemm(mma_rs, tQ(_, _, t * kStepsPerTile + k), tK(_, _, k), acc);
+          }
+        } else {
+          Tensor tK = thr_ss.partition_fragment_B(sK);
+          mma_ss.accumulate_ = GMMA::ScaleOut::One;
+          CUTE_UNROLL
+          for (int k = 0; k < kStepsPerTile; ++k)
+            cute::gemm(mma_ss, tSrQ(_, _, (t - kQRegTiles) * kStepsPerTile + k), tK(_, _, k), acc);
+        }
+        warpgroup_commit_batch();
+      }
+    };
+    // Block b's softmax on its finished scores while QK^T(b + 1)'s first tiles run on the tensor
+    // cores; the rest of QK^T(b + 1) is issued after P(b) is handed over, beside PV(b).
+    // kMore is a compile-time flag: with a run-time one, ptxas sees a path on which the early
+    // tiles are in flight while the next softmax reads them, and serialises every wgmma (C7514).
+    auto step = [&](auto& s_cur, auto& s_nxt, int b, auto kMore) {
+      TL(kTlSStart, b);
+      constexpr bool more = decltype(kMore)::value;
+      if constexpr (more) {
+        warpgroup_fence_operand(s_nxt);
+        issue_qk(s_nxt, b + 1, Int<0>{}, Int<kEarlyTiles>{});
+      }
+      TL(kTlSIssued, b);
+      warpgroup_fence_operand(s_cur);
+      float mx[kRowsPerThread], alpha[kRowsPerThread];
+#ifdef PROTO_SKIP_SOFTMAX
+      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f, st.l[r] = 1.f, (void)mx[r];
+#else
+      block_row_max(s_cur, cS, scale_log2, mx);
+      softmax_update(s_cur, cS, scale_log2, st, mx, alpha);
+#endif
+      TL(kTlSSoftmax, b);
+      Tensor rP = make_tensor_like<T>(s_cur);
+      CUTE_UNROLL
+      for (int i = 0; i < size(s_cur); ++i) rP(i) = T(s_cur(i));
+      const int pb = b % kPBufs, puse = b / kPBufs;
+      cutlass::arch::ClusterBarrier::wait(&s.p_empty[pb], (puse & 1) ^ 1);
+      Tensor sP = make_tensor(make_smem_ptr(s.p[pb]), typename Traits::SmemLayoutP{});
+      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
+      if (tid % 4 == 0)
+        for (int r = 0; r < kRowsPerThread; ++r) s.row_alpha[pb][rows[r]] = alpha[r];
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&s.p_full[pb]);
+      TL(kTlSHanded, b);
+      if constexpr (more) {
+        issue_qk(s_nxt, b + 1, Int<kEarlyTiles>{}, Int<kNumKTiles>{});
+        TL(kTlSLanded, b);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(s_nxt);
+        TL(kTlSDone, b);
+        // QK^T was the RoPE tile's only reader.
+        warp_arrive(&s.empty[R::slot(b + 1, kRopeTile)]);
+      }
+    };
+    Tensor tSrS1 = partition_fragment_C(mma_ss, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    warpgroup_fence_operand(tSrS);
+    issue_qk(tSrS, 0, Int<0>{}, Int<kNumKTiles>{});
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tSrS);
+    warp_arrive(&s.empty[R::slot(0, kRopeTile)]);
+    int b = 0;
+    for (; b + 2 < blocks; b += 2) {
+      step(tSrS, tSrS1, b, true_type{});
+      step(tSrS1, tSrS, b + 1, true_type{});
+    }
+    if (b + 1 < blocks) {
+      step(tSrS, tSrS1, b, true_type{});
+      step(tSrS1, tSrS, b + 1, false_type{});
+    } else {
+      step(tSrS, tSrS1, b, false_type{});
+    }
+#else
     for (int b = 0; b < blocks; ++b) {
       TL(kTlSStart, b);
       warpgroup_fence_operand(tSrS);
@@ -342,6 +457,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
       TL(kTlSHanded, b);
     }
+#endif  // PROTO_DOUBLE_S
 #ifdef PROTO_QK_FIRST
     if (blocks > 0) cutlass::arch::ClusterBarrier::arrive(&s.p_full[(blocks - 1) % kPBufs]);
 #endif
@@ -527,9 +643,15 @@ using namespace proto;
 // mean and range over the recorded blocks, and the mean block period.
 void print_timeline(const char* what) {
 #ifdef PROTO_TIMELINE
+#ifdef PROTO_DOUBLE_S  // S's events of step b: b + 1's early tiles, softmax(b), P(b), b + 1's late tiles
+  static const char* names[kTlEvents] = {"S start",     "S b+1 late in", "S b+1 early in", "S QK^T b+1 done", "S softmax done",
+                                         "S P handed",  "A P seen",      "A PV issued",    "A PV done",       "B P seen",
+                                         "B PV issued", "B PV done",     "prod slot",      "prod issued"};
+#else
   static const char* names[kTlEvents] = {"S start",     "S tiles landed", "S QK^T issued", "S QK^T done", "S softmax done",
                                          "S P handed",  "A P seen",       "A PV issued",   "A PV done",   "B P seen",
                                          "B PV issued", "B PV done",      "prod slot",     "prod issued"};
+#endif
   long long h[kTlBlocks][kTlEvents];
   cudaMemcpyFromSymbol(h, g_timeline, sizeof(h));
   double period = 0;
@@ -584,7 +706,14 @@ int main() {
     std::printf("needs an sm_90 GPU and the CUDA driver\n");
     return 2;
   }
-  std::printf("shared memory %zu bytes\n", sizeof(Smem));
+  std::printf("shared memory %zu bytes, ring %d tiles, Q tiles in registers %d, early tiles %d%s\n", sizeof(Smem), kRingTiles,
+              kQRegTiles, kEarlyTiles,
+#ifdef PROTO_DOUBLE_S
+              ", two S accumulators"
+#else
+              ""
+#endif
+  );
   const bool a = run_all<false>(encode);
   const bool b = run_all<true>(encode);
   return a && b ? 0 : 1;
