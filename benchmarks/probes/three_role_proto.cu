@@ -85,7 +85,10 @@ static_assert(kEarlyTiles > 0 && kEarlyTiles < kNumKTiles, "both issue groups no
 #ifndef PROTO_PROD_REGS
 #define PROTO_PROD_REGS 32
 #endif
-constexpr int kSRegs = PROTO_S_REGS, kPvRegs = 160, kProdRegs = PROTO_PROD_REGS;
+#ifndef PROTO_PV_REGS
+#define PROTO_PV_REGS 160
+#endif
+constexpr int kSRegs = PROTO_S_REGS, kPvRegs = PROTO_PV_REGS, kProdRegs = PROTO_PROD_REGS;
 // 8 KiB K tiles the ring holds, either geometry: what the Q tiles in shared memory, the P buffers
 // and ~2 KiB of row state and barriers leave of the 227 KiB (23 with 6 of Q's tiles in registers).
 constexpr int kSmemLimit = 227 * 1024, kSmemSmall = 2048;
