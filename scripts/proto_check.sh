@@ -4,15 +4,15 @@
 # variants, built side by side, each checked against float64 (bounds excepted) and timed on P4-
 # and P6-sized work, both ring geometries (single tiles, V pairs). ~3 minutes; ~1.5 with the
 # binaries prebuilt here (PROTO_PREBUILD=1 below) and .device carried.
-#   PROTO_VARIANTS: ';'-separated nvcc flag sets. "base" means no flags. The default (for the
-#   thirty-second session): the timeline of the prototype, with and without K refills, and
-#   without refills with PV(b - 1) held until QK^T(b) is done; then the
-#   tensor work alone (no refills, no softmax), then QK^T alone: whether the PV and QK^T wgmmas
-#   of different warpgroups stretch each other, and by how much.
+#   PROTO_VARIANTS: ';'-separated nvcc flag sets. "base" means no flags. The default (thirty-second
+#   session): the double-S order (two S accumulators, QK^T(b + 1)'s first tiles before softmax(b))
+#   and today's prototype, each with its timeline; then their floors without refills, the double-S
+#   order with 2 early tiles, and the tensor work alone (no refills, no softmax) of each order.
+#   The most telling variants come first: a call cut short still returns them.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 include=/tmp/site/cutlass_library/source/include
-IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_TIMELINE;-DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_TIMELINE -DPROTO_NO_REFILL -DPROTO_QK_FIRST -DPROTO_PV_AFTER_QK;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX -DPROTO_SKIP_PV}"
+IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE;-DPROTO_TIMELINE;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE -DPROTO_EARLY_TILES=2;-DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX}"
 # PROTO_PREBUILD=1 (here, on the development machine): only build, into .device/proto (carried to
 # the device with .device; the binaries need only the driver there), so that the device call
 # spends its time running them. Without it, prebuilt binaries whose flags match are used, and the
