@@ -291,29 +291,57 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < size(cS); ++i) rows[row_slot(get<0>(cS(i)))] = get<0>(cS(i));
     auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_ss);
     auto p_thr = p_copy.get_thread_slice(tid);
+    // QK^T(b)'s column tile t into acc (its RS or SS wgmmas; the caller waits, fences, commits).
+    // t must be a constant after unrolling: it indexes Q's register fragments.
+    auto qk_tile = [&](auto& acc, int b, int t) {
+      Tensor sK = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t)), typename Traits::SmemLayoutKTile{});
+      if (t < kQRegTiles) {
+        Tensor tK = thr_rs.partition_fragment_B(sK);
+        CUTE_UNROLL
+        for (int k = 0; k < kStepsPerTile; ++k) {
+          mma_rs.accumulate_ = (t == 0 && k == 0) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+          cute::gemm(mma_rs, tQ(_, _, t * kStepsPerTile + k), tK(_, _, k), acc);
+        }
+      } else {
+        Tensor tK = thr_ss.partition_fragment_B(sK);
+        mma_ss.accumulate_ = GMMA::ScaleOut::One;
+        CUTE_UNROLL
+        for (int k = 0; k < kStepsPerTile; ++k)
+          cute::gemm(mma_ss, tSrQ(_, _, (t - kQRegTiles) * kStepsPerTile + k), tK(_, _, k), acc);
+      }
+    };
+    // Block b's softmax on its finished scores acc, and P(b) with its row factors stored for the
+    // PV warpgroups (the caller hands it over); returns P(b)'s buffer.
+    auto softmax_store_p = [&](auto& acc, int b) {
+      float mx[kRowsPerThread], alpha[kRowsPerThread];
+#ifdef PROTO_SKIP_SOFTMAX  // bound: P = S (wrong output on purpose)
+      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f, st.l[r] = 1.f, (void)mx[r];
+#else
+      block_row_max(acc, cS, scale_log2, mx);
+      softmax_update(acc, cS, scale_log2, st, mx, alpha);
+#endif
+      TL(kTlSSoftmax, b);
+      Tensor rP = make_tensor_like<T>(acc);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) rP(i) = T(acc(i));
+      const int pb = b % kPBufs, puse = b / kPBufs;
+      cutlass::arch::ClusterBarrier::wait(&s.p_empty[pb], (puse & 1) ^ 1);
+      Tensor sP = make_tensor(make_smem_ptr(s.p[pb]), typename Traits::SmemLayoutP{});
+      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
+      if (tid % 4 == 0)
+        for (int r = 0; r < kRowsPerThread; ++r) s.row_alpha[pb][rows[r]] = alpha[r];
+      cutlass::arch::fence_view_async_shared();
+      return pb;
+    };
 
 #ifdef PROTO_DOUBLE_S
     // Tiles [T0, T1) of QK^T(b) into acc, each issued once it has landed, a commit per tile.
     auto issue_qk = [&](auto& acc, int b, auto T0, auto T1) {
       CUTE_UNROLL
       for (int t = decltype(T0)::value; t < decltype(T1)::value; ++t) {
-        Tensor sK = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t)), typename Traits::SmemLayoutKTile{});
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
         warpgroup_arrive();
-        if (t < kQRegTiles) {
-          Tensor tK = thr_rs.partition_fragment_B(sK);
-          CUTE_UNROLL
-          for (int k = 0; k < kStepsPerTile; ++k) {
-            mma_rs.accumulate_ = (t == 0 && k == 0) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-            cute::gemm(mma_rs, tQ(_, _, t * kStepsPerTile + k), tK(_, _, k), acc);
-          }
-        } else {
-          Tensor tK = thr_ss.partition_fragment_B(sK);
-          mma_ss.accumulate_ = GMMA::ScaleOut::One;
-          CUTE_UNROLL
-          for (int k = 0; k < kStepsPerTile; ++k)
-            cute::gemm(mma_ss, tSrQ(_, _, (t - kQRegTiles) * kStepsPerTile + k), tK(_, _, k), acc);
-        }
+        qk_tile(acc, b, t);
         warpgroup_commit_batch();
       }
     };
@@ -330,25 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       TL(kTlSIssued, b);
       warpgroup_fence_operand(s_cur);
-      float mx[kRowsPerThread], alpha[kRowsPerThread];
-#ifdef PROTO_SKIP_SOFTMAX
-      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f, st.l[r] = 1.f, (void)mx[r];
-#else
-      block_row_max(s_cur, cS, scale_log2, mx);
-      softmax_update(s_cur, cS, scale_log2, st, mx, alpha);
-#endif
-      TL(kTlSSoftmax, b);
-      Tensor rP = make_tensor_like<T>(s_cur);
-      CUTE_UNROLL
-      for (int i = 0; i < size(s_cur); ++i) rP(i) = T(s_cur(i));
-      const int pb = b % kPBufs, puse = b / kPBufs;
-      cutlass::arch::ClusterBarrier::wait(&s.p_empty[pb], (puse & 1) ^ 1);
-      Tensor sP = make_tensor(make_smem_ptr(s.p[pb]), typename Traits::SmemLayoutP{});
-      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
-      if (tid % 4 == 0)
-        for (int r = 0; r < kRowsPerThread; ++r) s.row_alpha[pb][rows[r]] = alpha[r];
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::ClusterBarrier::arrive(&s.p_full[pb]);
+      cutlass::arch::ClusterBarrier::arrive(&s.p_full[softmax_store_p(s_cur, b)]);
       TL(kTlSHanded, b);
       if constexpr (more) {
         issue_qk(s_nxt, b + 1, Int<kEarlyTiles>{}, Int<kNumKTiles>{});
@@ -390,27 +400,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
       CUTE_UNROLL
       for (int t = 0; t < kNumKTiles; ++t) {
-        Tensor sK = make_tensor(make_smem_ptr(tile_ptr<kPairs>(s, b, t)), typename Traits::SmemLayoutKTile{});
 #ifndef PROTO_QK_ONE_BATCH
         // (the second tile of a pair waits on the same phase again, which returns at once)
         cutlass::arch::ClusterTransactionBarrier::wait(&s.full[R::slot(b, t)], R::use(b, t) & 1);
         if (t == kNumKTiles - 1) TL(kTlSLanded, b);
         warpgroup_arrive();
 #endif
-        if (t < kQRegTiles) {
-          Tensor tK = thr_rs.partition_fragment_B(sK);
-          CUTE_UNROLL
-          for (int k = 0; k < kStepsPerTile; ++k) {
-            mma_rs.accumulate_ = (t == 0 && k == 0) ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-            cute::gemm(mma_rs, tQ(_, _, t * kStepsPerTile + k), tK(_, _, k), tSrS);
-          }
-        } else {
-          Tensor tK = thr_ss.partition_fragment_B(sK);
-          mma_ss.accumulate_ = GMMA::ScaleOut::One;
-          CUTE_UNROLL
-          for (int k = 0; k < kStepsPerTile; ++k)
-            cute::gemm(mma_ss, tSrQ(_, _, (t - kQRegTiles) * kStepsPerTile + k), tK(_, _, k), tSrS);
-        }
+        qk_tile(tSrS, b, t);
 #ifndef PROTO_QK_ONE_BATCH
         warpgroup_commit_batch();
 #endif
@@ -437,26 +433,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       // QK^T was the RoPE tile's only reader.
       warp_arrive(&s.empty[R::slot(b, kRopeTile)]);
 
-      float mx[kRowsPerThread], alpha[kRowsPerThread];
-#ifdef PROTO_SKIP_SOFTMAX  // bound: P = S (wrong output on purpose)
-      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f, st.l[r] = 1.f, (void)mx[r];
-#else
-      block_row_max(tSrS, cS, scale_log2, mx);
-      softmax_update(tSrS, cS, scale_log2, st, mx, alpha);
-#endif
-      TL(kTlSSoftmax, b);
-      Tensor rP = make_tensor_like<T>(tSrS);
-      CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) rP(i) = T(tSrS(i));
-      const int pb = b % kPBufs, puse = b / kPBufs;
-      cutlass::arch::ClusterBarrier::wait(&s.p_empty[pb], (puse & 1) ^ 1);
-      Tensor sP = make_tensor(make_smem_ptr(s.p[pb]), typename Traits::SmemLayoutP{});
-      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
-      if (tid % 4 == 0)
-        for (int r = 0; r < kRowsPerThread; ++r) s.row_alpha[pb][rows[r]] = alpha[r];
-      cutlass::arch::fence_view_async_shared();
+      const int pb = softmax_store_p(tSrS, b);
 #ifndef PROTO_QK_FIRST
       cutlass::arch::ClusterBarrier::arrive(&s.p_full[pb]);
+#else
+      (void)pb;  // P(b) is handed over after QK^T(b + 1) is issued
 #endif
       TL(kTlSHanded, b);
     }
