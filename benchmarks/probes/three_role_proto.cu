@@ -18,7 +18,10 @@
 // H100, 2026-12-07, single tiles: P4-like 274-277 us (4400 cycles a block), P6-like 970-983 us;
 // V pairs: 271 us, 946-958 us. Slower than today's kernel, and no hand-over order helps; the
 // bounds, a model of the period and the next steps are in benchmarks/NOTES.md (attempt 65,
-// thirtieth and thirty-first sessions).
+// thirtieth and thirty-first sessions). -DPROTO_DOUBLE_S (thirty-third session): level with the
+// prototype (P6-like 3969 against 3945 cycles a block), the tensor work stretching to fill the
+// period; with refills and softmax removed both orders sit at ~3150-3250, as today's kernel does.
+// The design is retired; the file stays as the record of what was measured.
 // Work: every CTA one piece of `blocks` full 64-token blocks and 64 query rows, h_kv = 1; CTAs
 // in groups of `share` read the same pages (P4: 2 row blocks a request, P6: 4). Output: the
 // normalised O (bf16), checked against a float64 CPU reference on a small case, then timed on a
