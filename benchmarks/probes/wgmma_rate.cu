@@ -16,7 +16,9 @@
 //     -isystem <cutlass include> -o /tmp/wgmma_rate benchmarks/probes/wgmma_rate.cu
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
