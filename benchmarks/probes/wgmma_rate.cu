@@ -53,6 +53,11 @@ __host__ __device__ constexpr double role_flops(int r) {
   return r == kQkSs || r == kQkRs ? qk : r == kQkSs128 ? 2 * qk : r == kPv256 || r == kPv64 ? pv : r == kQkPv256 ? qk + pv : 0;
 }
 
+// A 64-token block's tensor work: its QK^T and both PV halves (8.9 MFLOP).
+constexpr double kBlockFlops = role_flops(kQkSs) + 2 * role_flops(kPv256);
+// Dense bf16 FLOP a cycle per SM at the nominal rate (989 TFLOP/s at 1830 MHz over 132 SMs).
+constexpr double kNominalFlopPerClk = 4096;
+
 constexpr int kWideN = 2 * kBlockN;  // tokens of kQkSs128
 struct Smem {
   alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
@@ -70,15 +75,24 @@ using MmaPv256 = typename Traits::TiledMmaO;
 using MmaPv64 = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHeadDimTile>, Int<kBlockN>>,
                                                              GMMA::Major::K, GMMA::Major::MN>()));
 
-template <class Mma, class TA, class TB, class Acc>
-__device__ __forceinline__ void batch(Mma& mma, TA const& a, TB const& b, Acc& acc) {
+// One wgmma batch on acc: the wgmmas that `issue` makes, one commit, and the wait for them.
+template <class Acc, class Issue>
+__device__ __forceinline__ void batch(Acc& acc, Issue&& issue) {
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(a); ++k) cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+  issue();
   warpgroup_commit_batch();
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
+}
+
+// The common batch: acc += a b over every k-step of the fragments.
+template <class Mma, class TA, class TB, class Acc>
+__device__ __forceinline__ void batch(Mma& mma, TA const& a, TB const& b, Acc& acc) {
+  batch(acc, [&] {
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(a); ++k) cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+  });
 }
 
 template <class Acc>
@@ -154,13 +168,10 @@ __device__ float run_role(Smem& s, int iters, bool coupled, int threads) {
     constexpr int kSteps = kHeadDimTile / 16;
     for (int i = 0; i < iters; ++i) {
       Tensor b = thr.partition_fragment_B(sK());
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(b); ++k) cute::gemm(mma, a(_, _, k % kSteps), b(_, _, k), acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
+      batch(acc, [&] {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(b); ++k) cute::gemm(mma, a(_, _, k % kSteps), b(_, _, k), acc);
+      });
       sync();
     }
     out += acc_sum(acc);
@@ -184,19 +195,16 @@ __device__ float run_role(Smem& s, int iters, bool coupled, int threads) {
     clear(o);
     for (int i = 0; i < iters; ++i) {
       Tensor a = thr.partition_fragment_A(sP());
-      warpgroup_fence_operand(o);
-      warpgroup_arrive();
-      CUTE_UNROLL
-      for (int j = 0; j < kChunks; ++j) {
-        Tensor b = thr.partition_fragment_B(
-            local_tile(sVt(), Shape<Int<kHeadDimTile>, Int<kBlockN>>{}, make_coord(half * kChunks + j, _0{})));
-        Tensor acc = make_tensor(o.data() + j * size<0>(o), make_layout(make_shape(shape<0>(o), _1{}, _1{})));
+      batch(o, [&] {
         CUTE_UNROLL
-        for (int k = 0; k < size<2>(a); ++k) cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
-      }
-      warpgroup_commit_batch();
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(o);
+        for (int j = 0; j < kChunks; ++j) {
+          Tensor b = thr.partition_fragment_B(
+              local_tile(sVt(), Shape<Int<kHeadDimTile>, Int<kBlockN>>{}, make_coord(half * kChunks + j, _0{})));
+          Tensor acc = make_tensor(o.data() + j * size<0>(o), make_layout(make_shape(shape<0>(o), _1{}, _1{})));
+          CUTE_UNROLL
+          for (int k = 0; k < size<2>(a); ++k) cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+        }
+      });
       sync();
     }
     out += acc_sum(o);
@@ -260,10 +268,9 @@ void run_case(const T* d_init, int sms, int iters, bool coupled, long long* d_cy
   for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / sms;
   const double flops = role_flops(R0) + role_flops(R1) + role_flops(R2);  // per iteration, per SM
   const double per_iter = mean / iters, rate = flops / per_iter;
-  const double block_flops = role_flops(kQkSs) + 2 * role_flops(kPv256);
   std::printf("%-20s | %-20s | %-20s | %-7s | %8.0f cyc/iter | %6.0f FLOP/clk (%5.1f%%) | block %5.0f cyc | %4.0f MHz%s\n",
               role_name(R0), role_name(R1), role_name(R2), coupled ? "coupled" : "free", per_iter, rate,
-              100.0 * rate / 4096.0, block_flops / rate, mx / (ms * 1e3), err == cudaSuccess ? "" : cudaGetErrorString(err));
+              100.0 * rate / kNominalFlopPerClk, kBlockFlops / rate, mx / (ms * 1e3), err == cudaSuccess ? "" : cudaGetErrorString(err));
   cudaEventDestroy(e0), cudaEventDestroy(e1);
 }
 
@@ -289,9 +296,9 @@ int main(int argc, char** argv) {
   cudaMalloc(&d_cycles, sms * sizeof(long long));
   cudaMalloc(&d_sink, sms * sizeof(float));
   cudaMemcpy(d_init, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice);
-  std::printf("wgmma rates, %d CTAs (one per SM), %d iterations; FLOP/clk per SM against the nominal 4096;\n"
+  std::printf("wgmma rates, %d CTAs (one per SM), %d iterations; FLOP/clk per SM against the nominal %.0f;\n"
               "\"block\": cycles for a 64-token block's QK^T + both PV halves (%.2f MFLOP) at that rate\n",
-              sms, iters, (role_flops(kQkSs) + 2 * role_flops(kPv256)) / 1e6);
+              sms, iters, kNominalFlopPerClk, kBlockFlops / 1e6);
   // One role at a time, 1-3 warpgroups.
   run_case<kQkSs, kIdle, kIdle>(d_init, sms, iters, false, d_cycles, d_sink);
   run_case<kQkSs, kQkSs, kIdle>(d_init, sms, iters, false, d_cycles, d_sink);
