@@ -16,6 +16,9 @@
 //   three:        S warpgroup: QK^T and softmax only; two PV warpgroups (three_role_proto.cu's
 //                 order, without its ring).
 //   three-2S:     the same, S issuing QK^T(b + 1) before softmax(b) (attempt 66's order).
+//   no-wait:      today's, warpgroup 0 issuing QK^T(b + 1) without waiting for its PV(b) (attempt
+//                 41's order).
+//   early-4:      today-2S with only 4 of QK^T(b + 1)'s 9 column tiles before softmax(b).
 // Printed per case: cycles a block (mean over CTAs), and the same as % of the bare mix's 2323.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
@@ -43,14 +46,33 @@ namespace chain {
 
 using T = cutlass::bfloat16_t;
 using Traits = KernelTraits<T>;
-using MmaS = typename Traits::TiledMmaS;
-using MmaO = typename Traits::TiledMmaO;
 
-enum Order : int { kToday, kTodayDoubleS, kThree, kThreeDoubleS };
+// Layouts and tensor-core tiles of a step of kN tokens: 64 is the kernel's block (the same types
+// as kernel_traits.cuh); 32 is half a block, the step of a loop that would keep four half-block
+// stages in the shared memory of today's two (QK^T as N = 32 wgmmas, PV as K = 32).
+template <int kN>
+struct Step {
+  using LayoutK = decltype(tile_to_shape(typename Traits::AtomK{}, Shape<Int<kN>, Int<kHeadDim>>{}));
+  using LayoutVt =
+      decltype(tile_to_shape(typename Traits::AtomMN{}, Shape<Int<kHeadDimV>, Int<kN>>{}, cute::Step<_2, _1>{}));
+  // P's rows are kN keys wide: a 128-byte swizzle row for 64, a 64-byte one for 32.
+  using AtomP = std::conditional_t<kN == 64, GMMA::Layout_K_SW128_Atom<T>, GMMA::Layout_K_SW64_Atom<T>>;
+  using LayoutP = decltype(tile_to_shape(AtomP{}, Shape<Int<kBlockM>, Int<kN>>{}));
+  using MmaS = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kN>, Int<kHeadDimTile>>,
+                                                            GMMA::Major::K, GMMA::Major::K>()));
+  using MmaO = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kHalfDimV>, Int<kN>>,
+                                                            GMMA::Major::K, GMMA::Major::MN>()));
+};
+
+enum Order : int { kToday, kTodayDoubleS, kThree, kThreeDoubleS, kTodayNoWait, kTodayEarly };
 const char* order_name(int o) {
-  static const char* names[] = {"today", "today-2S", "three", "three-2S"};
+  static const char* names[] = {"today", "today-2S", "three", "three-2S", "no-wait", "early-4"};
   return names[o];
 }
+// kTodayEarly: column tiles of QK^T(b + 1) issued before softmax(b); the rest after PV(b). Four
+// tiles are ~4 x 130 cycles of tensor work, about the softmax's ~500 (today's order with and
+// without it). Residency it needs: block b and four tiles of b + 1 during the softmax.
+constexpr int kEarlyTiles = 4;
 constexpr int consumer_wgs(int order) { return order == kThree || order == kThreeDoubleS ? 3 : 2; }
 
 // The bare mix's cycles a block (wgmma_rate.cu, H100, thirty-fourth session): today's wgmmas with
@@ -63,7 +85,7 @@ constexpr float kScaleLog2 = 1.4426950408889634f / 24.f;
 struct Smem {
   alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
   alignas(1024) T k[cosize_v<typename Traits::SmemLayoutK>];
-  alignas(1024) T p[kPBufs][cosize_v<typename Traits::SmemLayoutP>];
+  alignas(1024) T p[kPBufs][cosize_v<typename Traits::SmemLayoutP>];  // a 32-key P uses half
   float alpha[kPBufs][kBlockM];
   alignas(8) uint64_t p_full[kPBufs];  // P(b) and its factors stored: the S side's threads arrive
   alignas(8) uint64_t p_free[kPBufs];  // PV(b) done: every thread that ran a PV on it arrives
@@ -77,13 +99,15 @@ __device__ __forceinline__ P* launder(P* p) {
   return p;
 }
 
-// The loop's pieces, for one warpgroup.
+// The loop's pieces, for one warpgroup, at kN tokens a step.
+template <int kN>
 struct Parts {
+  using St = Step<kN>;
   Smem& s;
   int tid;
   int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
-  MmaS mma_s;
-  MmaO mma_o;
+  typename St::MmaS mma_s;
+  typename St::MmaO mma_o;
 
   // QK^T(b) into acc, no wait: two batches and commits (the kernel's two landing groups) or,
   // where another batch may be in flight, one (ptxas follows wgmma.wait_group counts of single
@@ -92,7 +116,7 @@ struct Parts {
   __device__ void qk_issue(Acc& acc) {
     auto thr = mma_s.get_thread_slice(tid);
     Tensor tQ = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.q)), typename Traits::SmemLayoutQ{}));
-    Tensor tK = thr.partition_fragment_B(make_tensor(make_smem_ptr(launder(s.k)), typename Traits::SmemLayoutK{}));
+    Tensor tK = thr.partition_fragment_B(make_tensor(make_smem_ptr(launder(s.k)), typename St::LayoutK{}));
     constexpr int kSteps = decltype(size<2>(tQ))::value;
     constexpr int kFirst = kSteps / kNumKTiles * kQkFirstTiles;
     warpgroup_fence_operand(acc);
@@ -112,13 +136,31 @@ struct Parts {
     warpgroup_commit_batch();
   }
 
+  // Column tiles [T0, T1) of QK^T into acc (tile 0 starts it from zero): one commit, no wait.
+  template <int T0, int T1, class Acc>
+  __device__ void qk_tiles(Acc& acc) {
+    auto thr = mma_s.get_thread_slice(tid);
+    Tensor tQ = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.q)), typename Traits::SmemLayoutQ{}));
+    Tensor tK = thr.partition_fragment_B(make_tensor(make_smem_ptr(launder(s.k)), typename St::LayoutK{}));
+    constexpr int kPerTile = decltype(size<2>(tQ))::value / kNumKTiles;
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_s.accumulate_ = T0 == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+    CUTE_UNROLL
+    for (int k = T0 * kPerTile; k < T1 * kPerTile; ++k) {
+      cute::gemm(mma_s, tQ(_, _, k), tK(_, _, k), acc);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+  }
+
   // O_half += P(buf) V_half: one commit, no wait.
   template <class Acc>
   __device__ void pv_issue(Acc& o, int buf, int half) {
     auto thr = mma_o.get_thread_slice(tid);
-    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename Traits::SmemLayoutVt{});
-    Tensor tP = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename Traits::SmemLayoutP{}));
-    Tensor tV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<kHalfDimV>, Int<kBlockN>>{}, make_coord(half, _0{})));
+    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename St::LayoutVt{});
+    Tensor tP = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename St::LayoutP{}));
+    Tensor tV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<kHalfDimV>, Int<kN>>{}, make_coord(half, _0{})));
     warpgroup_fence_operand(o);
     warpgroup_arrive();
     mma_o.accumulate_ = GMMA::ScaleOut::One;
@@ -131,7 +173,7 @@ struct Parts {
   // buffer b % kPBufs once the PVs of b - kPBufs are done, and the hand-over.
   template <bool kSoftmax, class Acc>
   __device__ void softmax_hand_over(Acc& acc, int b, SoftmaxState& st, float (&alpha)[kRowsPerThread]) {
-    Tensor cS = mma_s.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+    Tensor cS = mma_s.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kN>>{}));
     if constexpr (kSoftmax) {
       float mx[kRowsPerThread];
       block_row_max(acc, cS, kScaleLog2, mx);
@@ -146,7 +188,7 @@ struct Parts {
     cutlass::arch::ClusterBarrier::wait(&s.p_free[buf], (use & 1) ^ 1);
     auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
     auto p_thr = p_copy.get_thread_slice(tid);
-    Tensor sP = make_tensor(make_smem_ptr(s.p[buf]), typename Traits::SmemLayoutP{});
+    Tensor sP = make_tensor(make_smem_ptr(s.p[buf]), typename St::LayoutP{});
     cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
     if (tid % 4 == 0)
       for (int r = 0; r < kRowsPerThread; ++r) s.alpha[buf][rows[r]] = alpha[r];
@@ -174,7 +216,7 @@ __device__ __forceinline__ float acc_sum(Acc const& acc) {
   return x;
 }
 
-template <int kOrder, bool kSoftmax>
+template <int kOrder, bool kSoftmax, int kN>
 __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
     chain_kernel(const T* __restrict__ init, int iters, long long* __restrict__ cycles, float* __restrict__ sink) {
   extern __shared__ __align__(1024) char smem_raw[];
@@ -198,7 +240,7 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
   cutlass::arch::fence_view_async_shared();
   __syncthreads();
 
-  Parts parts{s, tid};
+  Parts<kN> parts{s, tid};
   Tensor cO = parts.mma_o.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHalfDimV>>{}));
   CUTE_UNROLL
   for (int i = 0; i < size(cO); ++i) parts.rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
@@ -212,15 +254,15 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
   const int half = kThreeRoles ? wg - 1 : wg;
 
   if (is_s) {
-    Tensor sA = partition_fragment_C(parts.mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor sA = partition_fragment_C(parts.mma_s, Shape<Int<kBlockM>, Int<kN>>{});
     if constexpr (kOrder == kToday || kOrder == kThree) {
       Tensor o = partition_fragment_C(parts.mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
       if constexpr (!kThreeRoles) clear(o);
       for (int b = 0; b < iters; ++b) {
-        parts.qk_issue<true>(sA);
+        parts.template qk_issue<true>(sA);
         warpgroup_wait<0>();
         warpgroup_fence_operand(sA);
-        parts.softmax_hand_over<kSoftmax>(sA, b, st, alpha);
+        parts.template softmax_hand_over<kSoftmax>(sA, b, st, alpha);
         if constexpr (!kThreeRoles) {
           rescale_output(o, cO, alpha);
           parts.pv_issue(o, b % kPBufs, 0);
@@ -230,17 +272,64 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
         }
       }
       if constexpr (!kThreeRoles) out += acc_sum(o);
+    } else if constexpr (kOrder == kTodayNoWait) {
+      // Warpgroup 0 does not wait for its PV(b) before QK^T(b + 1): it learns PV(b) is done at a
+      // wait between QK^T(b + 1)'s two batches (attempt 41's order), and releases P(b) there.
+      Tensor o = partition_fragment_C(parts.mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
+      clear(o);
+      for (int b = 0; b < iters; ++b) {
+        parts.template qk_tiles<0, kQkFirstTiles>(sA);
+        if (b > 0) {
+          warpgroup_wait<1>();
+          cutlass::arch::ClusterBarrier::arrive(&s.p_free[(b - 1) % kPBufs]);
+        }
+        parts.template qk_tiles<kQkFirstTiles, kNumKTiles>(sA);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(sA);
+        warpgroup_fence_operand(o);
+        parts.template softmax_hand_over<kSoftmax>(sA, b, st, alpha);
+        rescale_output(o, cO, alpha);
+        parts.pv_issue(o, b % kPBufs, 0);
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(o);
+      cutlass::arch::ClusterBarrier::arrive(&s.p_free[(iters - 1) % kPBufs]);
+      out += acc_sum(o);
+    } else if constexpr (kOrder == kTodayEarly) {
+      // Two score accumulators; only kEarlyTiles of QK^T(b + 1) run under softmax(b).
+      Tensor sB = partition_fragment_C(parts.mma_s, Shape<Int<kBlockM>, Int<kN>>{});
+      Tensor o = partition_fragment_C(parts.mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
+      clear(o);
+      auto step = [&](auto& cur, auto& nxt, int b) {
+        parts.template qk_tiles<0, kEarlyTiles>(nxt);
+        parts.template softmax_hand_over<kSoftmax>(cur, b, st, alpha);
+        rescale_output(o, cO, alpha);
+        parts.pv_issue(o, b % kPBufs, 0);
+        parts.template qk_tiles<kEarlyTiles, kNumKTiles>(nxt);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(nxt);
+        warpgroup_fence_operand(o);
+        cutlass::arch::ClusterBarrier::arrive(&s.p_free[b % kPBufs]);
+      };
+      parts.template qk_tiles<0, kNumKTiles>(sA);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(sA);
+      for (int b = 0; b < iters; b += 2) {
+        step(sA, sB, b);
+        step(sB, sA, b + 1);
+      }
+      out += acc_sum(o);
     } else {
       // Two score accumulators: QK^T(b + 1) runs while softmax(b) does. Blocks go in pairs so that
       // each accumulator's role is fixed at compile time (a run-time choice makes ptxas see a
       // path that reads scores in flight, and serialise every wgmma).
-      Tensor sB = partition_fragment_C(parts.mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      Tensor sB = partition_fragment_C(parts.mma_s, Shape<Int<kBlockM>, Int<kN>>{});
       Tensor o = partition_fragment_C(parts.mma_o, Shape<Int<kBlockM>, Int<kHalfDimV>>{});
       if constexpr (!kThreeRoles) clear(o);
       auto step = [&](auto& cur, auto& nxt, int b) {
         // QK^T(b) is done (the previous step's wait); QK^T(b + 1) runs under softmax(b).
-        parts.qk_issue<false>(nxt);
-        parts.softmax_hand_over<kSoftmax>(cur, b, st, alpha);
+        parts.template qk_issue<false>(nxt);
+        parts.template softmax_hand_over<kSoftmax>(cur, b, st, alpha);
         if constexpr (!kThreeRoles) {
           rescale_output(o, cO, alpha);
           parts.pv_issue(o, b % kPBufs, 0);
@@ -252,7 +341,7 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
           cutlass::arch::ClusterBarrier::arrive(&s.p_free[b % kPBufs]);
         }
       };
-      parts.qk_issue<false>(sA);
+      parts.template qk_issue<false>(sA);
       warpgroup_wait<0>();
       warpgroup_fence_operand(sA);
       for (int b = 0; b < iters; b += 2) {
@@ -281,9 +370,9 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
   if (out == 12345.f) sink[blockIdx.x] = out;  // never true in practice; keeps the sums live
 }
 
-template <int kOrder, bool kSoftmax>
+template <int kOrder, bool kSoftmax, int kN = kBlockN>
 void run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink) {
-  auto kernel = chain_kernel<kOrder, kSoftmax>;
+  auto kernel = chain_kernel<kOrder, kSoftmax, kN>;
   constexpr int kThreads = consumer_wgs(kOrder) * kWarpgroupThreads;
   const int smem = int(sizeof(Smem));
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -302,9 +391,9 @@ void run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d
   long long mx = 0;
   double mean = 0;
   for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / sms;
-  const double per_block = mean / iters;
-  std::printf("%-9s | softmax %-3s | %6.0f cyc/block | %5.1f%% of the bare mix's period | %4.0f MHz%s%s\n",
-              order_name(kOrder), kSoftmax ? "yes" : "no", per_block, 100.0 * kBareBlockCycles / per_block,
+  const double per_block = mean / iters * kBlockN / kN;  // per 64 tokens
+  std::printf("%-9s | %2d-token steps | softmax %-3s | %6.0f cyc/block | %5.1f%% of the bare mix's period | %4.0f MHz%s%s\n",
+              order_name(kOrder), kN, kSoftmax ? "yes" : "no", per_block, 100.0 * kBareBlockCycles / per_block,
               mx / (ms * 1e3), err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
   cudaEventDestroy(e0), cudaEventDestroy(e1);
 }
@@ -329,7 +418,7 @@ int main(int argc, char** argv) {
   cudaMalloc(&d_cycles, sms * sizeof(long long));
   cudaMalloc(&d_sink, sms * sizeof(float));
   cudaMemcpy(d_init, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice);
-  std::printf("loop chains without loads, %d CTAs (one per SM), %d blocks each\n", sms, iters);
+  std::printf("loop chains without loads, %d CTAs (one per SM), %d 64-token blocks each; cycles per 64 tokens\n", sms, iters);
   run_case<kToday, false>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kToday, true>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false>(d_init, sms, iters, d_cycles, d_sink);
@@ -338,5 +427,14 @@ int main(int argc, char** argv) {
   run_case<kThree, true>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kThreeDoubleS, false>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kThreeDoubleS, true>(d_init, sms, iters, d_cycles, d_sink);
+  run_case<kTodayNoWait, false>(d_init, sms, iters, d_cycles, d_sink);
+  run_case<kTodayNoWait, true>(d_init, sms, iters, d_cycles, d_sink);
+  run_case<kTodayEarly, false>(d_init, sms, iters, d_cycles, d_sink);
+  run_case<kTodayEarly, true>(d_init, sms, iters, d_cycles, d_sink);
+  // Half-block steps (twice the steps for the same tokens).
+  run_case<kToday, false, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
+  run_case<kToday, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
+  run_case<kTodayDoubleS, false, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
+  run_case<kTodayDoubleS, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   return 0;
 }
