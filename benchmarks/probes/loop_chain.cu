@@ -11,15 +11,19 @@
 // a P buffer may be rewritten. Orders:
 //   today:        warpgroup 0: QK^T(b), softmax, P(b), its PV(b); warpgroup 1: PV(b) after P(b)
 //                 (decode_kernel.cuh's loop).
-//   today-2S:     warpgroup 0 issues QK^T(b + 1) before softmax(b) and does not wait for its
-//                 PV(b) until the next block's scores are needed (two S accumulators).
+//   today-2S:     warpgroup 0 issues QK^T(b + 1) (one batch) before softmax(b), then its PV(b),
+//                 and waits for both at the end of the step (two S accumulators).
 //   three:        S warpgroup: QK^T and softmax only; two PV warpgroups (three_role_proto.cu's
 //                 order, without its ring).
 //   three-2S:     the same, S issuing QK^T(b + 1) before softmax(b) (attempt 66's order).
 //   no-wait:      today's, warpgroup 0 issuing QK^T(b + 1) without waiting for its PV(b) (attempt
 //                 41's order).
 //   early-4:      today-2S with only 4 of QK^T(b + 1)'s 9 column tiles before softmax(b).
-// Printed per case: cycles a block (mean over CTAs), and the same as % of the bare mix's 2323.
+// Also today and today-2S at 32-token steps (four half-block stages would fit where two blocks
+// do). Printed per case: cycles per 64 tokens (mean over CTAs), and the bare mix's 2323 as a %.
+// H100, 2026-12-07 (NOTES, thirty-fourth session), with softmax: today 3123, today-2S 2531,
+// three 3127, three-2S 2557, no-wait 3081, early-4 2815; 32-token steps today 4198, today-2S
+// 3379. Without softmax today-2S and three-2S run at the bare rate (2327, 2331).
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
 //     -isystem <cutlass include> -o .device/loop_chain benchmarks/probes/loop_chain.cu

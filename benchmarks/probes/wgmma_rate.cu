@@ -11,6 +11,10 @@
 // block. One CTA per SM (the operands fill shared memory), 132 CTAs. Printed per case: cycles
 // an iteration, FLOP a cycle per SM, % of 4096, and the cycles a 64-token block's 8.9 MFLOP
 // would take at that rate.
+// H100, 2026-12-07 (NOTES, thirty-fourth session): every shape reaches 4096 FLOP a cycle with two
+// warpgroups issuing (one alone: QK^T 91-96%, PV N = 256 86%); today's mix, coupled, 2323 cycles a
+// block. So the loops' ~3150-cycle floor is their hand-overs, not the instructions (loop_chain.cu
+// measures those). Sustained, the tensor work alone holds the card at its 700 W cap at ~1620 MHz.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
 //     -isystem <cutlass include> -o /tmp/wgmma_rate benchmarks/probes/wgmma_rate.cu
