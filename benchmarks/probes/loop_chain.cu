@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
 }
 
 template <int kOrder, bool kSoftmax, int kN = kBlockN>
-void run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink) {
+double run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
   auto kernel = chain_kernel<kOrder, kSoftmax, kN>;
   constexpr int kThreads = consumer_wgs(kOrder) * kWarpgroupThreads;
   const int smem = int(sizeof(Smem));
@@ -396,9 +396,40 @@ void run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d
   double mean = 0;
   for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / sms;
   const double per_block = mean / iters * kBlockN / kN;  // per 64 tokens
-  std::printf("%-9s | %2d-token steps | softmax %-3s | %6.0f cyc/block | %5.1f%% of the bare mix's period | %4.0f MHz%s%s\n",
+  const double mhz = mx / (ms * 1e3);
+  if (!quiet)
+    std::printf("%-9s | %2d-token steps | softmax %-3s | %6.0f cyc/block | %5.1f%% of the bare mix's period | %4.0f MHz%s%s\n",
               order_name(kOrder), kN, kSoftmax ? "yes" : "no", per_block, 100.0 * kBareBlockCycles / per_block,
               mx / (ms * 1e3), err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  return mhz;
+}
+
+// Seconds of one order back to back (nvidia-smi beside it): the clock it holds under the power
+// limit, and so the time a block takes there, which is what a power-capped cell sees.
+template <int kOrder>
+void sustain(const T* d_init, int sms, int iters, double seconds, long long* d_cycles, float* d_sink) {
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0), cudaEventCreate(&e1);
+  cudaEventRecord(e0);
+  float ms = 0.f;
+  double mhz_sum = 0;
+  int launches = 0;
+  while (ms < seconds * 1e3) {
+    mhz_sum += run_case<kOrder, true>(d_init, sms, iters, d_cycles, d_sink, true);
+    ++launches;
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    cudaEventElapsedTime(&ms, e0, e1);
+  }
+  // Cycles a block from the last launch (the same in every one), time at the mean clock.
+  std::vector<long long> cyc(sms);
+  cudaMemcpy(cyc.data(), d_cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost);
+  double mean = 0;
+  for (long long c : cyc) mean += double(c) / sms;
+  const double per_block = mean / iters, mhz = mhz_sum / launches;
+  std::printf("sustained %-9s (softmax) | %.1f s, %d launches | %6.0f cyc/block | mean %4.0f MHz | %6.1f ns a block\n",
+              order_name(kOrder), ms / 1e3, launches, per_block, mhz, per_block / mhz * 1e3);
   cudaEventDestroy(e0), cudaEventDestroy(e1);
 }
 
@@ -440,5 +471,12 @@ int main(int argc, char** argv) {
   run_case<kToday, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
+  // Optional: seconds of each of today's and today-2S's chains (with softmax) under the power cap.
+  const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
+  if (sustain_s > 0) {
+    sustain<kToday>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
+    sustain<kTodayDoubleS>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
+    sustain<kToday>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
+  }
   return 0;
 }
