@@ -433,6 +433,241 @@ void sustain(const T* d_init, int sms, int iters, double seconds, long long* d_c
   cudaEventDestroy(e0), cudaEventDestroy(e1);
 }
 
+
+// ---- The channel-split pair (NOTES, thirty-fourth session: the one family the residency
+// numbers do not rule out). A 2-CTA cluster shares a row block: CTA r computes the partial
+// scores over its half of the 576 channels (column tiles 4r..4r+3 and half of the RoPE tile:
+// 18 of the 36 k-steps), the two partials cross through distributed shared memory (st.async into
+// the peer's buffer, counted by the peer's transaction barrier), each CTA adds them in the same
+// order-free way (a + b == b + a) and so computes the identical softmax, and each runs PV on its
+// 256 value channels, split over its two warpgroups (N = 128). Warpgroup 0 issues the next
+// block's partial QK^T before the exchange and softmax of this one (two score accumulators).
+// Per CTA a block's tensor work is half of today's, so a pair's cycles a block compare with
+// today's chain at half: printed as SM-cycles per 64 tokens (2 x the pair's period).
+constexpr int kPairSteps = 18;  // k-steps of QK^T per CTA
+constexpr int kQuarterV = kHeadDimV / 4;
+using MmaO128 = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kQuarterV>, Int<kBlockN>>,
+                                                             GMMA::Major::K, GMMA::Major::MN>()));
+constexpr int kXFloats = 32;  // a thread's partial scores (a 64 x 64 fp32 tile over 128 threads)
+
+struct PairSmem {
+  alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
+  alignas(1024) T k[cosize_v<typename Traits::SmemLayoutK>];
+  alignas(1024) T p[kPBufs][cosize_v<typename Traits::SmemLayoutP>];
+  alignas(16) float x[kPBufs][kWarpgroupThreads * kXFloats];  // the peer's partial scores
+  float alpha[kPBufs][kBlockM];
+  alignas(8) uint64_t p_full[kPBufs];
+  alignas(8) uint64_t p_free[kPBufs];
+  alignas(8) uint64_t x_full[kPBufs];  // the peer's partial landed (transaction bytes)
+  alignas(8) uint64_t x_free[kPBufs];  // the peer has read what this CTA wrote into its buffer
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t peer_addr(uint32_t local, uint32_t peer) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(peer));
+  return r;
+}
+__device__ __forceinline__ void wait_cluster(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tLAB_WAIT:\n\t"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n\t"
+      "@!p bra LAB_WAIT;\n\t}" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+template <bool kSoftmax>
+__global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
+    pair_kernel(const T* __restrict__ init, int iters, long long* __restrict__ cycles, float* __restrict__ sink) {
+  extern __shared__ __align__(1024) char smem_raw[];
+  PairSmem& s = *reinterpret_cast<PairSmem*>(smem_raw);
+  const int wg = threadIdx.x / kWarpgroupThreads;
+  const int tid = thread_in_warpgroup();
+  const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
+  {
+    T* flat = reinterpret_cast<T*>(&s);
+    constexpr int kElems = offsetof(PairSmem, x) / sizeof(T);
+    for (int i = threadIdx.x; i < kElems; i += 2 * kWarpgroupThreads) flat[i] = init[i];
+  }
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kPBufs; ++i) {
+      cutlass::arch::ClusterBarrier::init(&s.p_full[i], kWarpgroupThreads);
+      cutlass::arch::ClusterBarrier::init(&s.p_free[i], 2 * kWarpgroupThreads);
+      cutlass::arch::ClusterBarrier::init(&s.x_full[i], 1);
+      cutlass::arch::ClusterBarrier::init(&s.x_free[i], kWarpgroupThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  cutlass::arch::fence_view_async_shared();
+  cute::cluster_sync();  // both CTAs' barriers exist before any remote operation
+
+  typename Traits::TiledMmaS mma_s;
+  MmaO128 mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kQuarterV>>{}));
+  int rows[kRowsPerThread];
+  CUTE_UNROLL
+  for (int i = 0; i < size(cO); ++i) rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
+  Tensor o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kQuarterV>>{});
+  clear(o);
+  const int quarter = 2 * int(rank) + wg;  // this warpgroup's 128 value channels
+  auto pv_issue = [&](int buf) {
+    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename Traits::SmemLayoutVt{});
+    Tensor tP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename Traits::SmemLayoutP{}));
+    Tensor tV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kQuarterV>, Int<kBlockN>>{}, make_coord(quarter, _0{})));
+    warpgroup_fence_operand(o);
+    warpgroup_arrive();
+    mma_o.accumulate_ = GMMA::ScaleOut::One;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(tP); ++k) cute::gemm(mma_o, tP(_, _, k), tV(_, _, k), o);
+    warpgroup_commit_batch();
+  };
+  float out = 0.f;
+  const long long t0 = clock64();
+  if (wg == 0) {
+    Tensor sA = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor sB = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    SoftmaxState st;
+    st.reset();
+    auto qk_issue = [&](auto& acc) {  // this CTA's 18 k-steps: tiles 4r..4r+3, RoPE steps 2r, 2r+1
+      Tensor tQ = thr_s.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.q)), typename Traits::SmemLayoutQ{}));
+      Tensor tK = thr_s.partition_fragment_B(make_tensor(make_smem_ptr(launder(s.k)), typename Traits::SmemLayoutK{}));
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int j = 0; j < kPairSteps; ++j) {
+        const int k = j < 16 ? 16 * int(rank) + j : 32 + 2 * int(rank) + (j - 16);
+        cute::gemm(mma_s, tQ(_, _, k), tK(_, _, k), acc);
+        mma_s.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    // Partial scores of block b out to the peer, the peer's in; cur becomes the full scores.
+    auto exchange = [&](auto& cur, int b) {
+      const int buf = b % kPBufs, use = b / kPBufs;
+      wait_cluster(&s.x_free[buf], (use & 1) ^ 1);  // the peer has read b - 2's
+      const uint32_t dst = peer_addr(smem_u32(&s.x[buf][tid * kXFloats]), peer);
+      const uint32_t bar = peer_addr(smem_u32(&s.x_full[buf]), peer);
+      CUTE_UNROLL
+      for (int i = 0; i < kXFloats; i += 4)
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(
+                         dst + 4 * i),
+                     "f"(cur(i)), "f"(cur(i + 1)), "f"(cur(i + 2)), "f"(cur(i + 3)), "r"(bar)
+                     : "memory");
+      if (tid == 0)
+        cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.x_full[buf], kWarpgroupThreads * kXFloats * 4);
+      wait_cluster(&s.x_full[buf], use & 1);
+      const float4* mine = reinterpret_cast<const float4*>(&s.x[buf][tid * kXFloats]);
+      CUTE_UNROLL
+      for (int i = 0; i < kXFloats; i += 4) {
+        const float4 v = mine[i / 4];
+        cur(i) += v.x, cur(i + 1) += v.y, cur(i + 2) += v.z, cur(i + 3) += v.w;
+      }
+      asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(peer_addr(smem_u32(&s.x_free[buf]), peer))
+                   : "memory");
+    };
+    auto step = [&](auto& cur, auto& nxt, int b) {
+      qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
+      exchange(cur, b);
+      float alpha[kRowsPerThread];
+      if constexpr (kSoftmax) {
+        float mx[kRowsPerThread];
+        block_row_max(cur, cS, kScaleLog2, mx);
+        softmax_update(cur, cS, kScaleLog2, st, mx, alpha);
+      } else {
+        for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f;
+      }
+      Tensor rP = make_tensor_like<T>(cur);
+      CUTE_UNROLL
+      for (int i = 0; i < size(cur); ++i) rP(i) = T(cur(i));
+      const int buf = b % kPBufs, use = b / kPBufs;
+      cutlass::arch::ClusterBarrier::wait(&s.p_free[buf], (use & 1) ^ 1);
+      auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
+      auto p_thr = p_copy.get_thread_slice(tid);
+      Tensor sP = make_tensor(make_smem_ptr(s.p[buf]), typename Traits::SmemLayoutP{});
+      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
+      if (tid % 4 == 0)
+        for (int r = 0; r < kRowsPerThread; ++r) s.alpha[buf][rows[r]] = alpha[r];
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::ClusterBarrier::arrive(&s.p_full[buf]);
+      rescale_output(o, cO, alpha);
+      pv_issue(buf);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(nxt);
+      warpgroup_fence_operand(o);
+      cutlass::arch::ClusterBarrier::arrive(&s.p_free[buf]);
+    };
+    qk_issue(sA);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(sA);
+    for (int b = 0; b < iters; b += 2) {
+      step(sA, sB, b);
+      step(sB, sA, b + 1);
+    }
+    out += acc_sum(sA);
+  } else {
+    for (int b = 0; b < iters; ++b) {
+      const int buf = b % kPBufs, use = b / kPBufs;
+      cutlass::arch::ClusterBarrier::wait(&s.p_full[buf], use & 1);
+      float alpha[kRowsPerThread];
+      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = s.alpha[buf][rows[r]];
+      rescale_output(o, cO, alpha);
+      pv_issue(buf);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(o);
+      cutlass::arch::ClusterBarrier::arrive(&s.p_free[buf]);
+    }
+  }
+  out += acc_sum(o);
+  const long long t1 = clock64();
+  cute::cluster_sync();  // no remote arrival may reach an exited CTA
+  if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+  if (out == 12345.f) sink[blockIdx.x] = out;
+}
+
+// Returns the mean clock (MHz); prints SM-cycles per 64 tokens (two SMs share each block).
+template <bool kSoftmax>
+double run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
+  auto kernel = pair_kernel<kSoftmax>;
+  const int smem = int(sizeof(PairSmem));
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(sms / 2 * 2);
+  cfg.blockDim = dim3(2 * kWarpgroupThreads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 2, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr, cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, d_init, 2, d_cycles, d_sink);  // warm-up
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0), cudaEventCreate(&e1);
+  cudaEventRecord(e0);
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, d_init, iters, d_cycles, d_sink);
+  cudaEventRecord(e1);
+  if (err == cudaSuccess) err = cudaEventSynchronize(e1);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  const int ctas = sms / 2 * 2;
+  std::vector<long long> cyc(ctas);
+  cudaMemcpy(cyc.data(), d_cycles, ctas * sizeof(long long), cudaMemcpyDeviceToHost);
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, e0, e1);
+  long long mx = 0;
+  double mean = 0;
+  for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / ctas;
+  const double per_block = 2 * mean / iters, mhz = mx / (ms * 1e3);
+  if (!quiet)
+    std::printf("pair-2S   | channel split  | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
+                kSoftmax ? "yes" : "no", per_block, mean / iters, 100.0 * kBareBlockCycles / per_block, mhz,
+                err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
+  cudaEventDestroy(e0), cudaEventDestroy(e1);
+  return mhz;
+}
+
 }  // namespace chain
 
 int main(int argc, char** argv) {
@@ -471,6 +706,8 @@ int main(int argc, char** argv) {
   run_case<kToday, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
+  run_pair<false>(d_init, sms, iters, d_cycles, d_sink);
+  run_pair<true>(d_init, sms, iters, d_cycles, d_sink);
   // Optional: seconds of each of today's and today-2S's chains (with softmax) under the power cap.
   const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
   if (sustain_s > 0) {
