@@ -478,7 +478,8 @@ __device__ __forceinline__ void wait_cluster(uint64_t* bar, int parity) {
       : "memory");
 }
 
-template <bool kSoftmax>
+// kExchange = false: a bound, each CTA's softmax on its own partial scores (wrong on purpose).
+template <bool kSoftmax, bool kExchange = true>
 __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     pair_kernel(const T* __restrict__ init, int iters, long long* __restrict__ cycles, float* __restrict__ sink) {
   extern __shared__ __align__(1024) char smem_raw[];
@@ -590,7 +591,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     };
     auto step = [&](auto& cur, auto& nxt, int b) {
       qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
-      exchange(cur, b);
+      if constexpr (kExchange) exchange(cur, b);
       float alpha[kRowsPerThread];
       if constexpr (kSoftmax) {
         float mx[kRowsPerThread];
@@ -648,9 +649,9 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 }
 
 // Returns the mean clock (MHz); prints SM-cycles per 64 tokens (two SMs share each block).
-template <bool kSoftmax>
+template <bool kSoftmax, bool kExchange = true>
 double run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
-  auto kernel = pair_kernel<kSoftmax>;
+  auto kernel = pair_kernel<kSoftmax, kExchange>;
   const int smem = int(sizeof(PairSmem));
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   cudaLaunchConfig_t cfg = {};
@@ -679,8 +680,8 @@ double run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float*
   for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / ctas;
   const double per_block = 2 * mean / iters, mhz = mx / (ms * 1e3);
   if (!quiet)
-    std::printf("pair-2S   | channel split  | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
-                kSoftmax ? "yes" : "no", per_block, mean / iters, 100.0 * kBareBlockCycles / per_block, mhz,
+    std::printf("pair-2S   | %-14s | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
+                kExchange ? "channel split" : "no exchange", kSoftmax ? "yes" : "no", per_block, mean / iters, 100.0 * kBareBlockCycles / per_block, mhz,
                 err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
   cudaEventDestroy(e0), cudaEventDestroy(e1);
   return mhz;
@@ -707,6 +708,13 @@ int main(int argc, char** argv) {
   cudaMalloc(&d_sink, sms * sizeof(float));
   cudaMemcpy(d_init, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice);
   std::printf("loop chains without loads, %d CTAs (one per SM), %d 64-token blocks each; cycles per 64 tokens\n", sms, iters);
+  if (argc > 3) {  // the pair alone
+    run_pair<false>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<true>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<false, false>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<true, false>(d_init, sms, iters, d_cycles, d_sink);
+    return 0;
+  }
   run_case<kToday, false>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kToday, true>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false>(d_init, sms, iters, d_cycles, d_sink);
@@ -726,6 +734,9 @@ int main(int argc, char** argv) {
   run_case<kTodayDoubleS, true, 32>(d_init, sms, 2 * iters, d_cycles, d_sink);
   run_pair<false>(d_init, sms, iters, d_cycles, d_sink);
   run_pair<true>(d_init, sms, iters, d_cycles, d_sink);
+  run_pair<false, false>(d_init, sms, iters, d_cycles, d_sink);
+  run_pair<true, false>(d_init, sms, iters, d_cycles, d_sink);
+
   // Optional: seconds of each of today's and today-2S's chains (with softmax) under the power cap.
   const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
   if (sustain_s > 0) {
