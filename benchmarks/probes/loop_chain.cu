@@ -24,6 +24,8 @@
 // H100, 2026-12-07 (NOTES, thirty-fourth session), with softmax: today 3123, today-2S 2531,
 // three 3127, three-2S 2557, no-wait 3081, early-4 2815; 32-token steps today 4198, today-2S
 // 3379. Without softmax today-2S and three-2S run at the bare rate (2327, 2331).
+// pair-2S (a 2-CTA cluster splitting the channels, below): pair period 4776 (st.async) and 5744
+// (bulk copy) cycles without softmax, 4-5x too slow; the exchange-free bound is built, not run.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
 //     -isystem <cutlass include> -o .device/loop_chain benchmarks/probes/loop_chain.cu
