@@ -33,10 +33,13 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstddef>
 #include <cstdlib>
 #include <random>
+#include <type_traits>
 #include <vector>
 
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -57,7 +60,7 @@ using Traits = KernelTraits<T>;
 // as kernel_traits.cuh); 32 is half a block, the step of a loop that would keep four half-block
 // stages in the shared memory of today's two (QK^T as N = 32 wgmmas, PV as K = 32).
 template <int kN>
-struct Step {
+struct StepTypes {
   using LayoutK = decltype(tile_to_shape(typename Traits::AtomK{}, Shape<Int<kN>, Int<kHeadDim>>{}));
   using LayoutVt =
       decltype(tile_to_shape(typename Traits::AtomMN{}, Shape<Int<kHeadDimV>, Int<kN>>{}, cute::Step<_2, _1>{}));
@@ -108,7 +111,7 @@ __device__ __forceinline__ P* launder(P* p) {
 // The loop's pieces, for one warpgroup, at kN tokens a step.
 template <int kN>
 struct Parts {
-  using St = Step<kN>;
+  using St = StepTypes<kN>;
   Smem& s;
   int tid;
   int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
