@@ -26,6 +26,8 @@
 // 3379. Without softmax today-2S and three-2S run at the bare rate (2327, 2331).
 // pair-2S (a 2-CTA cluster splitting the channels, below): pair period 4776 (st.async) and 5744
 // (bulk copy) cycles without softmax, 4-5x too slow; the exchange-free bound is built, not run.
+// Pair-only mode: `loop_chain 4000 0 pair`; build variants -DPAIR_ST_ASYNC (per-thread st.async
+// instead of the bulk copy) and -DPAIR_WARP_ARRIVE (a warp's one remote arrival, not 128).
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp \
 //     -isystem <cutlass include> -o .device/loop_chain benchmarks/probes/loop_chain.cu
@@ -454,6 +456,14 @@ constexpr int kQuarterV = kHeadDimV / 4;
 using MmaO128 = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kQuarterV>, Int<kBlockN>>,
                                                              GMMA::Major::K, GMMA::Major::MN>()));
 constexpr int kXFloats = 32;  // a thread's partial scores (a 64 x 64 fp32 tile over 128 threads)
+// Remote arrivals telling the peer its buffer was read: one per thread, or (-DPAIR_WARP_ARRIVE)
+// one per warp. Each is a cluster-scope release; 128 of them a block are a suspect for the
+// measured exchange cost (NOTES, thirty-fourth session).
+#ifdef PAIR_WARP_ARRIVE
+constexpr int kXFreeArrivals = kWarpgroupThreads / 32;
+#else
+constexpr int kXFreeArrivals = kWarpgroupThreads;
+#endif
 
 struct PairSmem {
   alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
@@ -502,7 +512,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       cutlass::arch::ClusterBarrier::init(&s.p_full[i], kWarpgroupThreads);
       cutlass::arch::ClusterBarrier::init(&s.p_free[i], 2 * kWarpgroupThreads);
       cutlass::arch::ClusterBarrier::init(&s.x_full[i], 1);
-      cutlass::arch::ClusterBarrier::init(&s.x_free[i], kWarpgroupThreads);
+      cutlass::arch::ClusterBarrier::init(&s.x_free[i], kXFreeArrivals);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -591,8 +601,13 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
         const float4 v = mine[i / 4];
         cur(i) += v.x, cur(i + 1) += v.y, cur(i + 2) += v.z, cur(i + 3) += v.w;
       }
-      asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(peer_addr(smem_u32(&s.x_free[buf]), peer))
-                   : "memory");
+#ifdef PAIR_WARP_ARRIVE
+      __syncwarp();
+      if (tid % 32 == 0)
+#endif
+        asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
+                         peer_addr(smem_u32(&s.x_free[buf]), peer))
+                     : "memory");
     };
     auto step = [&](auto& cur, auto& nxt, int b) {
       qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
