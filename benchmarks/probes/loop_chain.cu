@@ -33,13 +33,10 @@
 //     -isystem <cutlass include> -o .device/loop_chain benchmarks/probes/loop_chain.cu
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstddef>
 #include <cstdlib>
-#include <random>
 #include <type_traits>
-#include <vector>
 
 #include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
@@ -48,6 +45,7 @@
 #include "config.h"
 #include "decode/kernel_traits.cuh"
 #include "decode/softmax.cuh"
+#include "probe_common.cuh"
 
 using namespace cute;
 using namespace jax_flashmla;
@@ -102,19 +100,15 @@ struct Smem {
   alignas(8) uint64_t p_free[kPBufs];  // PV(b) done: every thread that ran a PV on it arrives
 };
 
-// Opaque pointer: operands re-addressed each block, as in the loop whose stages move (otherwise
-// ptxas hoists a QK^T's 72 descriptors into registers).
-template <class P>
-__device__ __forceinline__ P* launder(P* p) {
-  asm volatile("" : "+l"(p));
-  return p;
-}
+using probe::acc_sum;
+using probe::launder;
 
-// The loop's pieces, for one warpgroup, at kN tokens a step.
-template <int kN>
+// The loop's pieces, for one warpgroup, at kN tokens a step, over shared storage S (Smem, or the
+// pair's PairSmem: both have q, k, p, alpha, p_full, p_free).
+template <int kN, class S = Smem>
 struct Parts {
   using St = StepTypes<kN>;
-  Smem& s;
+  S& s;
   int tid;
   int rows[kRowsPerThread];  // the two tile rows this thread holds, in S and in O alike
   typename St::MmaS mma_s;
@@ -218,14 +212,6 @@ struct Parts {
     return buf;
   }
 };
-
-template <class Acc>
-__device__ __forceinline__ float acc_sum(Acc const& acc) {
-  float x = 0.f;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) x += acc(i);
-  return x;
-}
 
 template <int kOrder, bool kSoftmax, int kN>
 __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
@@ -381,65 +367,46 @@ __global__ void __launch_bounds__(consumer_wgs(kOrder) * kWarpgroupThreads, 1)
   if (out == 12345.f) sink[blockIdx.x] = out;  // never true in practice; keeps the sums live
 }
 
+// What a timed case reports: cycles per 64 tokens (SM-cycles for the pair) and the clock.
+struct CaseResult {
+  double per_block;
+  double mhz;
+};
+
 template <int kOrder, bool kSoftmax, int kN = kBlockN>
-double run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
+CaseResult run_case(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
   auto kernel = chain_kernel<kOrder, kSoftmax, kN>;
   constexpr int kThreads = consumer_wgs(kOrder) * kWarpgroupThreads;
   const int smem = int(sizeof(Smem));
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<sms, kThreads, smem>>>(d_init, 2, d_cycles, d_sink);  // warm-up
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  cudaEventRecord(e0);
-  kernel<<<sms, kThreads, smem>>>(d_init, iters, d_cycles, d_sink);
-  cudaEventRecord(e1);
-  cudaError_t err = cudaEventSynchronize(e1);
-  if (err == cudaSuccess) err = cudaGetLastError();
-  std::vector<long long> cyc(sms);
-  cudaMemcpy(cyc.data(), d_cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost);
-  float ms = 0.f;
-  cudaEventElapsedTime(&ms, e0, e1);
-  long long mx = 0;
-  double mean = 0;
-  for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / sms;
-  const double per_block = mean / iters * kBlockN / kN;  // per 64 tokens
-  const double mhz = mx / (ms * 1e3);
+  const probe::Timing t = probe::time_launch(
+      [&](int n) {
+        kernel<<<sms, kThreads, smem>>>(d_init, n, d_cycles, d_sink);
+        return cudaSuccess;
+      },
+      iters, sms, d_cycles);
+  const double per_block = t.mean_cycles / iters * kBlockN / kN;  // per 64 tokens
   if (!quiet)
     std::printf("%-9s | %2d-token steps | softmax %-3s | %6.0f cyc/block | %5.1f%% of the bare mix's period | %4.0f MHz%s%s\n",
-              order_name(kOrder), kN, kSoftmax ? "yes" : "no", per_block, 100.0 * kBareBlockCycles / per_block,
-              mx / (ms * 1e3), err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
-  return mhz;
+                order_name(kOrder), kN, kSoftmax ? "yes" : "no", per_block, 100.0 * kBareBlockCycles / per_block, t.mhz,
+                t.err == cudaSuccess ? "" : " | ", t.err == cudaSuccess ? "" : cudaGetErrorString(t.err));
+  return {per_block, t.mhz};
 }
 
-// Seconds of one order back to back (nvidia-smi beside it): the clock it holds under the power
-// limit, and so the time a block takes there, which is what a power-capped cell sees.
-template <int kOrder>
-void sustain(const T* d_init, int sms, int iters, double seconds, long long* d_cycles, float* d_sink) {
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  cudaEventRecord(e0);
-  float ms = 0.f;
-  double mhz_sum = 0;
-  int launches = 0;
-  while (ms < seconds * 1e3) {
-    mhz_sum += run_case<kOrder, true>(d_init, sms, iters, d_cycles, d_sink, true);
-    ++launches;
-    cudaEventRecord(e1);
-    cudaEventSynchronize(e1);
-    cudaEventElapsedTime(&ms, e0, e1);
-  }
-  // Cycles a block from the last launch (the same in every one), time at the mean clock.
-  std::vector<long long> cyc(sms);
-  cudaMemcpy(cyc.data(), d_cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost);
-  double mean = 0;
-  for (long long c : cyc) mean += double(c) / sms;
-  const double per_block = mean / iters, mhz = mhz_sum / launches;
+// Seconds of one case back to back (nvidia-smi beside it): the clock it holds under the power
+// limit, and so the time a block takes there, which is what a power-capped cell sees. `run`
+// times one launch quietly and returns its CaseResult.
+template <class Run>
+void report_sustained(const char* name, double seconds, Run&& run) {
+  double per_block = 0;  // the same in every launch: SM cycles do not depend on the clock
+  const probe::Sustained r = probe::sustain(seconds, [&] {
+    const CaseResult c = run();
+    per_block = c.per_block;
+    return c.mhz;
+  });
   std::printf("sustained %-9s (softmax) | %.1f s, %d launches | %6.0f cyc/block | mean %4.0f MHz | %6.1f ns a block\n",
-              order_name(kOrder), ms / 1e3, launches, per_block, mhz, per_block / mhz * 1e3);
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
+              name, r.seconds, r.launches, per_block, r.mhz, per_block / r.mhz * 1e3);
 }
-
 
 // ---- The channel-split pair (NOTES, thirty-fourth session: the one family the residency
 // numbers do not rule out). A 2-CTA cluster shares a row block: CTA r computes the partial
@@ -519,15 +486,16 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
   cutlass::arch::fence_view_async_shared();
   cute::cluster_sync();  // both CTAs' barriers exist before any remote operation
 
-  typename Traits::TiledMmaS mma_s;
+  // The softmax, P hand-over and PV-side wait are the single-CTA orders' (Parts); the pair's own
+  // parts are its half of QK^T, the exchange, and PV on a quarter of the value channels.
+  Parts<kBlockN, PairSmem> parts{s, tid};
+  auto& mma_s = parts.mma_s;
   MmaO128 mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor cS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor cO = thr_o.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kQuarterV>>{}));
-  int rows[kRowsPerThread];
   CUTE_UNROLL
-  for (int i = 0; i < size(cO); ++i) rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
+  for (int i = 0; i < size(cO); ++i) parts.rows[row_slot(get<0>(cO(i)))] = get<0>(cO(i));
   Tensor o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kQuarterV>>{});
   clear(o);
   const int quarter = 2 * int(rank) + wg;  // this warpgroup's 128 value channels
@@ -613,26 +581,8 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
       if constexpr (kExchange) exchange(cur, b);
       float alpha[kRowsPerThread];
-      if constexpr (kSoftmax) {
-        float mx[kRowsPerThread];
-        block_row_max(cur, cS, kScaleLog2, mx);
-        softmax_update(cur, cS, kScaleLog2, st, mx, alpha);
-      } else {
-        for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = 1.f;
-      }
-      Tensor rP = make_tensor_like<T>(cur);
-      CUTE_UNROLL
-      for (int i = 0; i < size(cur); ++i) rP(i) = T(cur(i));
-      const int buf = b % kPBufs, use = b / kPBufs;
-      cutlass::arch::ClusterBarrier::wait(&s.p_free[buf], (use & 1) ^ 1);
-      auto p_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, T>{}, mma_s);
-      auto p_thr = p_copy.get_thread_slice(tid);
-      Tensor sP = make_tensor(make_smem_ptr(s.p[buf]), typename Traits::SmemLayoutP{});
-      cute::copy(p_copy, p_thr.retile_S(rP), p_thr.partition_D(sP));
-      if (tid % 4 == 0)
-        for (int r = 0; r < kRowsPerThread; ++r) s.alpha[buf][rows[r]] = alpha[r];
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::ClusterBarrier::arrive(&s.p_full[buf]);
+      parts.template softmax_hand_over<kSoftmax>(cur, b, st, alpha);
+      const int buf = b % kPBufs;
       rescale_output(o, cO, alpha);
       pv_issue(buf);
       warpgroup_wait<0>();
@@ -650,11 +600,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     out += acc_sum(sA);
   } else {
     for (int b = 0; b < iters; ++b) {
-      const int buf = b % kPBufs, use = b / kPBufs;
-      cutlass::arch::ClusterBarrier::wait(&s.p_full[buf], use & 1);
-      float alpha[kRowsPerThread];
-      for (int r = 0; r < kRowsPerThread; ++r) alpha[r] = s.alpha[buf][rows[r]];
-      rescale_output(o, cO, alpha);
+      const int buf = parts.wait_p(o, cO, b);
       pv_issue(buf);
       warpgroup_wait<0>();
       warpgroup_fence_operand(o);
@@ -668,43 +614,30 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
   if (out == 12345.f) sink[blockIdx.x] = out;
 }
 
-// Returns the mean clock (MHz); prints SM-cycles per 64 tokens (two SMs share each block).
+// Prints SM-cycles per 64 tokens (two SMs share each block).
 template <bool kSoftmax, bool kExchange = true>
-double run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
+CaseResult run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
   auto kernel = pair_kernel<kSoftmax, kExchange>;
   const int smem = int(sizeof(PairSmem));
+  const int ctas = sms / 2 * 2;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(sms / 2 * 2);
+  cfg.gridDim = dim3(ctas);
   cfg.blockDim = dim3(2 * kWarpgroupThreads);
   cfg.dynamicSmemBytes = smem;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = 2, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr, cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, kernel, d_init, 2, d_cycles, d_sink);  // warm-up
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  cudaEventRecord(e0);
-  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, d_init, iters, d_cycles, d_sink);
-  cudaEventRecord(e1);
-  if (err == cudaSuccess) err = cudaEventSynchronize(e1);
-  if (err == cudaSuccess) err = cudaGetLastError();
-  const int ctas = sms / 2 * 2;
-  std::vector<long long> cyc(ctas);
-  cudaMemcpy(cyc.data(), d_cycles, ctas * sizeof(long long), cudaMemcpyDeviceToHost);
-  float ms = 0.f;
-  cudaEventElapsedTime(&ms, e0, e1);
-  long long mx = 0;
-  double mean = 0;
-  for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / ctas;
-  const double per_block = 2 * mean / iters, mhz = mx / (ms * 1e3);
+  const probe::Timing t = probe::time_launch(
+      [&](int n) { return cudaLaunchKernelEx(&cfg, kernel, d_init, n, d_cycles, d_sink); }, iters, ctas, d_cycles);
+  const double per_block = 2 * t.mean_cycles / iters;
   if (!quiet)
     std::printf("pair-2S   | %-14s | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
-                kExchange ? "channel split" : "no exchange", kSoftmax ? "yes" : "no", per_block, mean / iters, 100.0 * kBareBlockCycles / per_block, mhz,
-                err == cudaSuccess ? "" : " | ", err == cudaSuccess ? "" : cudaGetErrorString(err));
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
-  return mhz;
+                kExchange ? "channel split" : "no exchange", kSoftmax ? "yes" : "no", per_block, t.mean_cycles / iters,
+                100.0 * kBareBlockCycles / per_block, t.mhz, t.err == cudaSuccess ? "" : " | ",
+                t.err == cudaSuccess ? "" : cudaGetErrorString(t.err));
+  return {per_block, t.mhz};
 }
 
 }  // namespace chain
@@ -715,18 +648,12 @@ int main(int argc, char** argv) {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   int iters = argc > 1 ? std::atoi(argv[1]) : 4000;
   iters += iters % 2;  // the double-S orders walk pairs
-  const size_t elems = offsetof(Smem, alpha) / sizeof(T);
-  std::vector<T> h(elems);
-  std::mt19937 gen(1);
-  std::normal_distribution<float> nd(0.f, 0.1f);
-  for (auto& x : h) x = T(std::max(-1.f, std::min(1.f, nd(gen))));
-  T* d_init;
+  // Q, K and the P buffers: the same prefix of Smem and PairSmem.
+  const T* d_init = probe::random_operands<T>(offsetof(Smem, alpha) / sizeof(T));
   long long* d_cycles;
   float* d_sink;
-  cudaMalloc(&d_init, elems * sizeof(T));
   cudaMalloc(&d_cycles, sms * sizeof(long long));
   cudaMalloc(&d_sink, sms * sizeof(float));
-  cudaMemcpy(d_init, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice);
   std::printf("loop chains without loads, %d CTAs (one per SM), %d 64-token blocks each; cycles per 64 tokens\n", sms, iters);
   // The pair with its exchange, then the bound without it, each without and with the softmax.
   auto pair_cases = [&] {
@@ -761,26 +688,12 @@ int main(int argc, char** argv) {
   // Optional: seconds of each of today's and today-2S's chains (with softmax) under the power cap.
   const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
   if (sustain_s > 0) {
-    sustain<kToday>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
-    sustain<kTodayDoubleS>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
-    sustain<kToday>(d_init, sms, 10 * iters, sustain_s, d_cycles, d_sink);
-    // The pair, the same way: the clock it holds and so its time a block under the cap.
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0), cudaEventCreate(&e1);
-    cudaEventRecord(e0);
-    float ms = 0.f;
-    double mhz_sum = 0;
-    int launches = 0;
-    while (ms < sustain_s * 1e3) {
-      mhz_sum += run_pair<true>(d_init, sms, 10 * iters, d_cycles, d_sink, true);
-      ++launches;
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      cudaEventElapsedTime(&ms, e0, e1);
-    }
-    std::printf("sustained pair-2S (softmax) | %.1f s, %d launches | mean %4.0f MHz (its SM-cycles a block: the next line, run at the capped clock)\n",
-                ms / 1e3, launches, mhz_sum / launches);
-    run_pair<true>(d_init, sms, 10 * iters, d_cycles, d_sink);
+    report_sustained("today", sustain_s, [&] { return run_case<kToday, true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
+    report_sustained("today-2S", sustain_s,
+                     [&] { return run_case<kTodayDoubleS, true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
+    report_sustained("today", sustain_s, [&] { return run_case<kToday, true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
+    // The pair's "ns a block" is SM-ns (its SM-cycles at the clock), comparable with the others'.
+    report_sustained("pair-2S", sustain_s, [&] { return run_pair<true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
   }
   return 0;
 }

@@ -20,17 +20,15 @@
 //     -isystem <cutlass include> -o /tmp/wgmma_rate benchmarks/probes/wgmma_rate.cu
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <random>
-#include <vector>
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
 #include "config.h"
 #include "decode/kernel_traits.cuh"
+#include "probe_common.cuh"
 
 using namespace cute;
 using namespace jax_flashmla;
@@ -99,22 +97,8 @@ __device__ __forceinline__ void batch(Mma& mma, TA const& a, TB const& b, Acc& a
   });
 }
 
-template <class Acc>
-__device__ __forceinline__ float acc_sum(Acc const& acc) {
-  float s = 0.f;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) s += acc(i);
-  return s;
-}
-
-// The pointer as an opaque value: operands are re-addressed every iteration, as in the block
-// loop (whose stages move), instead of ptxas hoisting all 72 descriptors of a QK^T into registers
-// (which spills once O's 128 accumulators are live too).
-template <class P>
-__device__ __forceinline__ P* launder(P* p) {
-  asm volatile("" : "+l"(p));
-  return p;
-}
+using probe::acc_sum;
+using probe::launder;
 
 // One warpgroup's role for `iters` iterations; returns a sum of its accumulators (kept so that
 // nothing is dead code).
@@ -255,27 +239,17 @@ void run_case(const T* d_init, int sms, int iters, bool coupled, long long* d_cy
   constexpr int kThreads = count_wgs(R0, R1, R2) * kWarpgroupThreads;
   const int smem = int(sizeof(Smem));
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<sms, kThreads, smem>>>(d_init, 2, coupled, d_cycles, d_sink);  // warm-up
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0), cudaEventCreate(&e1);
-  cudaEventRecord(e0);
-  kernel<<<sms, kThreads, smem>>>(d_init, iters, coupled, d_cycles, d_sink);
-  cudaEventRecord(e1);
-  cudaError_t err = cudaEventSynchronize(e1);
-  if (err == cudaSuccess) err = cudaGetLastError();
-  std::vector<long long> cyc(sms);
-  cudaMemcpy(cyc.data(), d_cycles, sms * sizeof(long long), cudaMemcpyDeviceToHost);
-  float ms = 0.f;
-  cudaEventElapsedTime(&ms, e0, e1);
-  long long mx = 0;
-  double mean = 0;
-  for (long long c : cyc) mx = std::max(mx, c), mean += double(c) / sms;
+  const probe::Timing t = probe::time_launch(
+      [&](int n) {
+        kernel<<<sms, kThreads, smem>>>(d_init, n, coupled, d_cycles, d_sink);
+        return cudaSuccess;
+      },
+      iters, sms, d_cycles);
   const double flops = role_flops(R0) + role_flops(R1) + role_flops(R2);  // per iteration, per SM
-  const double per_iter = mean / iters, rate = flops / per_iter;
+  const double per_iter = t.mean_cycles / iters, rate = flops / per_iter;
   std::printf("%-20s | %-20s | %-20s | %-7s | %8.0f cyc/iter | %6.0f FLOP/clk (%5.1f%%) | block %5.0f cyc | %4.0f MHz%s\n",
               role_name(R0), role_name(R1), role_name(R2), coupled ? "coupled" : "free", per_iter, rate,
-              100.0 * rate / kNominalFlopPerClk, kBlockFlops / rate, mx / (ms * 1e3), err == cudaSuccess ? "" : cudaGetErrorString(err));
-  cudaEventDestroy(e0), cudaEventDestroy(e1);
+              100.0 * rate / kNominalFlopPerClk, kBlockFlops / rate, t.mhz, t.err == cudaSuccess ? "" : cudaGetErrorString(t.err));
 }
 
 }  // namespace rate
@@ -288,18 +262,11 @@ int main(int argc, char** argv) {
   // Optional: seconds of today's mix, coupled, launched back to back (each launch ~iters x 10
   // blocks), to read the clock it settles at under the power limit (nvidia-smi beside it).
   const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
-  const size_t elems = sizeof(Smem) / sizeof(T);
-  std::vector<T> h(elems);
-  std::mt19937 gen(1);
-  std::normal_distribution<float> nd(0.f, 0.1f);
-  for (auto& x : h) x = T(std::max(-1.f, std::min(1.f, nd(gen))));
-  T* d_init;
+  const T* d_init = probe::random_operands<T>(sizeof(Smem) / sizeof(T));
   long long* d_cycles;
   float* d_sink;
-  cudaMalloc(&d_init, elems * sizeof(T));
   cudaMalloc(&d_cycles, sms * sizeof(long long));
   cudaMalloc(&d_sink, sms * sizeof(float));
-  cudaMemcpy(d_init, h.data(), elems * sizeof(T), cudaMemcpyHostToDevice);
   std::printf("wgmma rates, %d CTAs (one per SM), %d iterations; FLOP/clk per SM against the nominal %.0f;\n"
               "\"block\": cycles for a 64-token block's QK^T + both PV halves (%.2f MFLOP) at that rate\n",
               sms, iters, kNominalFlopPerClk, kBlockFlops / 1e6);
@@ -325,16 +292,10 @@ int main(int argc, char** argv) {
   run_case<kQkSs128, kPv256, kPv256>(d_init, sms, iters / 2, true, d_cycles, d_sink);
   if (sustain_s > 0) {
     std::printf("sustained: today's mix, coupled, %d iterations a launch, for %.1f s\n", 10 * iters, sustain_s);
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0), cudaEventCreate(&e1);
-    cudaEventRecord(e0);
-    float ms = 0.f;
-    while (ms < sustain_s * 1e3f) {
-      run_case<kQkPv256, kPv256, kIdle>(d_init, sms, 10 * iters, true, d_cycles, d_sink);
-      cudaEventRecord(e1);
-      cudaEventSynchronize(e1);
-      cudaEventElapsedTime(&ms, e0, e1);
-    }
+    probe::sustain(sustain_s, [&] {
+      run_case<kQkPv256, kPv256, kIdle>(d_init, sms, 10 * iters, true, d_cycles, d_sink);  // prints its clock
+      return 0.0;
+    });
   }
   return 0;
 }
