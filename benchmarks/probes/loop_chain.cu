@@ -461,7 +461,8 @@ __device__ __forceinline__ void wait_cluster(uint64_t* bar, int parity) {
 }
 
 // kExchange = false: a bound, each CTA's softmax on its own partial scores (wrong on purpose).
-template <bool kSoftmax, bool kExchange = true>
+// kDepth: score accumulators in warpgroup 0 (2: the exchange of b on b's step; 3: one step ahead).
+template <bool kSoftmax, bool kExchange = true, int kDepth = 2>
 __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     pair_kernel(const T* __restrict__ init, int iters, long long* __restrict__ cycles, float* __restrict__ sink) {
   extern __shared__ __align__(1024) char smem_raw[];
@@ -531,10 +532,11 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       }
       warpgroup_commit_batch();
     };
-    // Partial scores of block b out to the peer, the peer's in; cur becomes the full scores.
-    auto exchange = [&](auto& cur, int b) {
+    // Partial scores of block b out to the peer (into its buffer b % kPBufs, once it has read
+    // b - 2's there), with this CTA's expectation of the peer's partial of b.
+    auto send = [&](auto& cur, int b) {
       const int buf = b % kPBufs, use = b / kPBufs;
-      wait_cluster(&s.x_free[buf], (use & 1) ^ 1);  // the peer has read b - 2's
+      wait_cluster(&s.x_free[buf], (use & 1) ^ 1);
 #ifdef PAIR_ST_ASYNC
       // Each thread's 32 floats straight into the peer (measured: 1024 transaction completions
       // a block on one barrier, a 4776-cycle pair period without softmax).
@@ -562,6 +564,11 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 #endif
       if (tid == 0)
         cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&s.x_full[buf], kWarpgroupThreads * kXFloats * 4);
+    };
+    // The peer's partial of block b added into cur (cur becomes the full scores); the peer told
+    // its buffer is free.
+    auto receive = [&](auto& cur, int b) {
+      const int buf = b % kPBufs, use = b / kPBufs;
       wait_cluster(&s.x_full[buf], use & 1);
       const float4* mine = reinterpret_cast<const float4*>(&s.x[buf][tid * kXFloats]);
       CUTE_UNROLL
@@ -577,25 +584,58 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
                          peer_addr(smem_u32(&s.x_free[buf]), peer))
                      : "memory");
     };
-    auto step = [&](auto& cur, auto& nxt, int b) {
-      qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
-      if constexpr (kExchange) exchange(cur, b);
+    auto softmax_pv = [&](auto& cur, int b) {
       float alpha[kRowsPerThread];
       parts.template softmax_hand_over<kSoftmax>(cur, b, st, alpha);
-      const int buf = b % kPBufs;
       rescale_output(o, cO, alpha);
-      pv_issue(buf);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(nxt);
-      warpgroup_fence_operand(o);
-      cutlass::arch::ClusterBarrier::arrive(&s.p_free[buf]);
+      pv_issue(b % kPBufs);
     };
-    qk_issue(sA);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(sA);
-    for (int b = 0; b < iters; b += 2) {
-      step(sA, sB, b);
-      step(sB, sA, b + 1);
+    if constexpr (kDepth == 2) {
+      // The exchange of b on b's own step: QK^T(b + 1) is the only work under its round trip.
+      auto step = [&](auto& cur, auto& nxt, int b) {
+        qk_issue(nxt);  // partial QK^T(b + 1) runs under the exchange and softmax of b
+        if constexpr (kExchange) send(cur, b), receive(cur, b);
+        softmax_pv(cur, b);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(nxt);
+        warpgroup_fence_operand(o);
+        cutlass::arch::ClusterBarrier::arrive(&s.p_free[b % kPBufs]);
+      };
+      qk_issue(sA);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(sA);
+      for (int b = 0; b < iters; b += 2) {
+        step(sA, sB, b);
+        step(sB, sA, b + 1);
+      }
+    } else {
+      // Three score accumulators: the partial of b + 1 leaves a whole step before it is needed,
+      // so its round trip runs under QK^T(b + 2), softmax(b) and PV(b). Nothing is in flight
+      // across a step's end: with wgmmas in flight into the loop (or a wait<1> over three groups)
+      // ptxas serialised every wgmma (C7514/C7515).
+      Tensor sC = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      auto step = [&](auto& cur, auto& nxt, auto& nw, int b) {
+        qk_issue(nw);
+        if constexpr (kExchange) send(nxt, b + 1), receive(cur, b);
+        softmax_pv(cur, b);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(nw);
+        warpgroup_fence_operand(o);
+        cutlass::arch::ClusterBarrier::arrive(&s.p_free[b % kPBufs]);
+      };
+      qk_issue(sA);
+      qk_issue(sB);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(sA);
+      warpgroup_fence_operand(sB);
+      if constexpr (kExchange) send(sA, 0);
+      for (int b = 0; b < iters; b += 3) {
+        step(sA, sB, sC, b);
+        step(sB, sC, sA, b + 1);
+        step(sC, sA, sB, b + 2);
+      }
+      if constexpr (kExchange) receive(sA, iters);  // the last step sent block iters
+      out += acc_sum(sC);
     }
     out += acc_sum(sA);
   } else {
@@ -615,9 +655,9 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
 }
 
 // Prints SM-cycles per 64 tokens (two SMs share each block).
-template <bool kSoftmax, bool kExchange = true>
+template <bool kSoftmax, bool kExchange = true, int kDepth = 2>
 CaseResult run_pair(const T* d_init, int sms, int iters, long long* d_cycles, float* d_sink, bool quiet = false) {
-  auto kernel = pair_kernel<kSoftmax, kExchange>;
+  auto kernel = pair_kernel<kSoftmax, kExchange, kDepth>;
   const int smem = int(sizeof(PairSmem));
   const int ctas = sms / 2 * 2;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -633,8 +673,8 @@ CaseResult run_pair(const T* d_init, int sms, int iters, long long* d_cycles, fl
       [&](int n) { return cudaLaunchKernelEx(&cfg, kernel, d_init, n, d_cycles, d_sink); }, iters, ctas, d_cycles);
   const double per_block = 2 * t.mean_cycles / iters;
   if (!quiet)
-    std::printf("pair-2S   | %-14s | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
-                kExchange ? "channel split" : "no exchange", kSoftmax ? "yes" : "no", per_block, t.mean_cycles / iters,
+    std::printf("pair-%dS   | %-14s | softmax %-3s | %6.0f SM-cyc/block (pair period %5.0f) | %5.1f%% of the bare mix's | %4.0f MHz%s%s\n",
+                kDepth, kExchange ? "channel split" : "no exchange", kSoftmax ? "yes" : "no", per_block, t.mean_cycles / iters,
                 100.0 * kBareBlockCycles / per_block, t.mhz, t.err == cudaSuccess ? "" : " | ",
                 t.err == cudaSuccess ? "" : cudaGetErrorString(t.err));
   return {per_block, t.mhz};
@@ -647,7 +687,7 @@ int main(int argc, char** argv) {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   int iters = argc > 1 ? std::atoi(argv[1]) : 4000;
-  iters += iters % 2;  // the double-S orders walk pairs
+  iters = (iters + 5) / 6 * 6;  // the double-S orders walk pairs, the pair's three-S triples
   // Q, K and the P buffers: the same prefix of Smem and PairSmem.
   const T* d_init = probe::random_operands<T>(offsetof(Smem, alpha) / sizeof(T));
   long long* d_cycles;
@@ -661,11 +701,20 @@ int main(int argc, char** argv) {
     run_pair<true>(d_init, sms, iters, d_cycles, d_sink);
     run_pair<false, false>(d_init, sms, iters, d_cycles, d_sink);
     run_pair<true, false>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<false, true, 3>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<true, true, 3>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<false, false, 3>(d_init, sms, iters, d_cycles, d_sink);
+    run_pair<true, false, 3>(d_init, sms, iters, d_cycles, d_sink);
   };
-  if (argc > 3) {  // a third argument: the pair alone
+  const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
+  if (argc > 3) {  // a third argument: the pair alone (and, with seconds, pair-3S under the cap)
     pair_cases();
+    if (sustain_s > 0)
+      report_sustained("pair-3S", sustain_s,
+                       [&] { return run_pair<true, true, 3>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
     return 0;
   }
+#ifndef PAIR_ONLY  // -DPAIR_ONLY: a quicker build of the pair's cases alone
   run_case<kToday, false>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kToday, true>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false>(d_init, sms, iters, d_cycles, d_sink);
@@ -686,7 +735,6 @@ int main(int argc, char** argv) {
   pair_cases();
 
   // Optional: seconds of each of today's and today-2S's chains (with softmax) under the power cap.
-  const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
   if (sustain_s > 0) {
     report_sustained("today", sustain_s, [&] { return run_case<kToday, true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
     report_sustained("today-2S", sustain_s,
@@ -695,5 +743,6 @@ int main(int argc, char** argv) {
     // The pair's "ns a block" is SM-ns (its SM-cycles at the clock), comparable with the others'.
     report_sustained("pair-2S", sustain_s, [&] { return run_pair<true>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
   }
+#endif
   return 0;
 }
