@@ -423,6 +423,14 @@ constexpr int kQuarterV = kHeadDimV / 4;
 using MmaO128 = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBlockM>, Int<kQuarterV>, Int<kBlockN>>,
                                                              GMMA::Major::K, GMMA::Major::MN>()));
 constexpr int kXFloats = 32;  // a thread's partial scores (a 64 x 64 fp32 tile over 128 threads)
+// Exchange buffers (16 KiB each, and as many staging buffers for the bulk copy): two let the
+// partial of b + 1 leave before the peer's of b is read; -DPAIR_X_BUFS=1 is the shared-memory
+// budget a pair kernel with loads could afford beside four K half-blocks (NOTES, 35th session).
+#ifndef PAIR_X_BUFS
+#define PAIR_X_BUFS 2
+#endif
+constexpr int kXBufs = PAIR_X_BUFS;
+static_assert(kXBufs == 1 || kXBufs == 2, "one or two exchange buffers");
 // Remote arrivals telling the peer its buffer was read: one per thread, or (-DPAIR_WARP_ARRIVE)
 // one per warp. Each is a cluster-scope release; 128 of them a block are a suspect for the
 // measured exchange cost (NOTES, thirty-fourth session).
@@ -436,13 +444,13 @@ struct PairSmem {
   alignas(1024) T q[cosize_v<typename Traits::SmemLayoutQ>];
   alignas(1024) T k[cosize_v<typename Traits::SmemLayoutK>];
   alignas(1024) T p[kPBufs][cosize_v<typename Traits::SmemLayoutP>];
-  alignas(128) float x[kPBufs][kWarpgroupThreads * kXFloats];   // the peer's partial scores
-  alignas(128) float xs[kPBufs][kWarpgroupThreads * kXFloats];  // this CTA's, staged for the copy
+  alignas(128) float x[kXBufs][kWarpgroupThreads * kXFloats];   // the peer's partial scores
+  alignas(128) float xs[kXBufs][kWarpgroupThreads * kXFloats];  // this CTA's, staged for the copy
   float alpha[kPBufs][kBlockM];
   alignas(8) uint64_t p_full[kPBufs];
   alignas(8) uint64_t p_free[kPBufs];
-  alignas(8) uint64_t x_full[kPBufs];  // the peer's partial landed (transaction bytes)
-  alignas(8) uint64_t x_free[kPBufs];  // the peer has read what this CTA wrote into its buffer
+  alignas(8) uint64_t x_full[kXBufs];  // the peer's partial landed (transaction bytes)
+  alignas(8) uint64_t x_free[kXBufs];  // the peer has read what this CTA wrote into its buffer
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -479,6 +487,8 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     for (int i = 0; i < kPBufs; ++i) {
       cutlass::arch::ClusterBarrier::init(&s.p_full[i], kWarpgroupThreads);
       cutlass::arch::ClusterBarrier::init(&s.p_free[i], 2 * kWarpgroupThreads);
+    }
+    for (int i = 0; i < kXBufs; ++i) {
       cutlass::arch::ClusterBarrier::init(&s.x_full[i], 1);
       cutlass::arch::ClusterBarrier::init(&s.x_free[i], kXFreeArrivals);
     }
@@ -532,10 +542,10 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       }
       warpgroup_commit_batch();
     };
-    // Partial scores of block b out to the peer (into its buffer b % kPBufs, once it has read
-    // b - 2's there), with this CTA's expectation of the peer's partial of b.
+    // Partial scores of block b out to the peer (into its buffer b % kXBufs, once it has read
+    // b - kXBufs's there), with this CTA's expectation of the peer's partial of b.
     auto send = [&](auto& cur, int b) {
-      const int buf = b % kPBufs, use = b / kPBufs;
+      const int buf = b % kXBufs, use = b / kXBufs;
       wait_cluster(&s.x_free[buf], (use & 1) ^ 1);
 #ifdef PAIR_ST_ASYNC
       // Each thread's 32 floats straight into the peer (measured: 1024 transaction completions
@@ -568,7 +578,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
     // The peer's partial of block b added into cur (cur becomes the full scores); the peer told
     // its buffer is free.
     auto receive = [&](auto& cur, int b) {
-      const int buf = b % kPBufs, use = b / kPBufs;
+      const int buf = b % kXBufs, use = b / kXBufs;
       wait_cluster(&s.x_full[buf], use & 1);
       const float4* mine = reinterpret_cast<const float4*>(&s.x[buf][tid * kXFloats]);
       CUTE_UNROLL
@@ -616,7 +626,9 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
       Tensor sC = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
       auto step = [&](auto& cur, auto& nxt, auto& nw, int b) {
         qk_issue(nw);
-        if constexpr (kExchange) send(nxt, b + 1), receive(cur, b);
+        // With one exchange buffer the peer's partial of b is read before b + 1 overwrites it.
+        if constexpr (kExchange && kXBufs == 1) receive(cur, b), send(nxt, b + 1);
+        if constexpr (kExchange && kXBufs == 2) send(nxt, b + 1), receive(cur, b);
         softmax_pv(cur, b);
         warpgroup_wait<0>();
         warpgroup_fence_operand(nw);
