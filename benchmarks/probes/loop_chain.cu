@@ -159,19 +159,26 @@ struct Parts {
     warpgroup_commit_batch();
   }
 
+  // O_slice += P(buf) V_slice over value channels [slice * kWidth, (slice + 1) * kWidth) with
+  // mma (N = kWidth): one commit, no wait.
+  template <int kWidth, class Mma, class Acc>
+  __device__ void pv_slice(Mma& mma, Acc& o, int buf, int slice) {
+    auto thr = mma.get_thread_slice(tid);
+    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename St::LayoutVt{});
+    Tensor tP = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename St::LayoutP{}));
+    Tensor tV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<kWidth>, Int<kN>>{}, make_coord(slice, _0{})));
+    warpgroup_fence_operand(o);
+    warpgroup_arrive();
+    mma.accumulate_ = GMMA::ScaleOut::One;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(tP); ++k) cute::gemm(mma, tP(_, _, k), tV(_, _, k), o);
+    warpgroup_commit_batch();
+  }
+
   // O_half += P(buf) V_half: one commit, no wait.
   template <class Acc>
   __device__ void pv_issue(Acc& o, int buf, int half) {
-    auto thr = mma_o.get_thread_slice(tid);
-    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename St::LayoutVt{});
-    Tensor tP = thr.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename St::LayoutP{}));
-    Tensor tV = thr.partition_fragment_B(local_tile(sVt, Shape<Int<kHalfDimV>, Int<kN>>{}, make_coord(half, _0{})));
-    warpgroup_fence_operand(o);
-    warpgroup_arrive();
-    mma_o.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tP); ++k) cute::gemm(mma_o, tP(_, _, k), tV(_, _, k), o);
-    warpgroup_commit_batch();
+    pv_slice<kHalfDimV>(mma_o, o, buf, half);
   }
 
   // Softmax of finished scores (or none: P = S, alpha = 1), then P(b) and the factors into
@@ -510,17 +517,7 @@ __global__ void __launch_bounds__(2 * kWarpgroupThreads, 1)
   Tensor o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kQuarterV>>{});
   clear(o);
   const int quarter = 2 * int(rank) + wg;  // this warpgroup's 128 value channels
-  auto pv_issue = [&](int buf) {
-    Tensor sVt = make_tensor(make_smem_ptr(launder(s.k)), typename Traits::SmemLayoutVt{});
-    Tensor tP = thr_o.partition_fragment_A(make_tensor(make_smem_ptr(launder(s.p[buf])), typename Traits::SmemLayoutP{}));
-    Tensor tV = thr_o.partition_fragment_B(local_tile(sVt, Shape<Int<kQuarterV>, Int<kBlockN>>{}, make_coord(quarter, _0{})));
-    warpgroup_fence_operand(o);
-    warpgroup_arrive();
-    mma_o.accumulate_ = GMMA::ScaleOut::One;
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(tP); ++k) cute::gemm(mma_o, tP(_, _, k), tV(_, _, k), o);
-    warpgroup_commit_batch();
-  };
+  auto pv_issue = [&](int buf) { parts.template pv_slice<kQuarterV>(mma_o, o, buf, quarter); };
   float out = 0.f;
   const long long t0 = clock64();
   if (wg == 0) {
