@@ -693,6 +693,9 @@ CaseResult run_pair(const T* d_init, int sms, int iters, long long* d_cycles, fl
 
 int main(int argc, char** argv) {
   using namespace chain;
+  // Line-buffered even into a pipe (pair_check.sh tees it): a case that hangs and is killed by
+  // the script's timeout leaves every earlier line in the log (the s36 one-buffer hang left none).
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   int iters = argc > 1 ? std::atoi(argv[1]) : 4000;
@@ -716,14 +719,21 @@ int main(int argc, char** argv) {
     run_pair<true, false, 3>(d_init, sms, iters, d_cycles, d_sink);
   };
   const double sustain_s = argc > 2 ? std::atof(argv[2]) : 0.0;
-  if (argc > 3) {  // a third argument: the pair alone (and, with seconds, pair-3S under the cap)
+#ifdef PAIR_ONLY  // -DPAIR_ONLY: a quicker build of the pair's cases alone, whatever the arguments
+  constexpr bool kPairOnly = true;
+#else
+  constexpr bool kPairOnly = false;
+#endif
+  // A third argument (or a -DPAIR_ONLY build): the pair alone (and, with seconds, pair-3S under
+  // the cap).
+  if (kPairOnly || argc > 3) {
     pair_cases();
     if (sustain_s > 0)
       report_sustained("pair-3S", sustain_s,
                        [&] { return run_pair<true, true, 3>(d_init, sms, 10 * iters, d_cycles, d_sink, true); });
     return 0;
   }
-#ifndef PAIR_ONLY  // -DPAIR_ONLY: a quicker build of the pair's cases alone
+#ifndef PAIR_ONLY
   run_case<kToday, false>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kToday, true>(d_init, sms, iters, d_cycles, d_sink);
   run_case<kTodayDoubleS, false>(d_init, sms, iters, d_cycles, d_sink);
