@@ -123,3 +123,14 @@ def test_kernel_times_parses_durations():
     assert got["mla_decode_kernel"] == [pytest.approx(1250.0)]
     assert got["mla_combine_kernel"] == [pytest.approx(9.5)]
     assert got["mla_metadata_kernel"] == []
+
+
+def test_flashmla_same_card_says_what_is_missing(tmp_path):
+    # FlashMLA's sources are third-party and never in this repository: without a tree the script
+    # must stop with a message (exit 2) before it needs torch or a GPU.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "flashmla_same_card.py"), "--src", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no FlashMLA source tree" in proc.stderr

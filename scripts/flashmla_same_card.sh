@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run ON THE DEVICE MACHINE, from the repository root, with .whl and .device carried and a
+# FlashMLA source tree in .device/flashmla_src (third-party, git-ignored; see
+# benchmarks/flashmla_same_card.py): our decode and FlashMLA itself, each timed by its own
+# benchmark on this card, alternated ours / FlashMLA / ours / FlashMLA so that a drift of the
+# card's clock between passes shows as a difference between the two passes of one side.
+#   ROUNDS (default 2), STEPS (default 30), CELLS (default: all ten).
+set -uo pipefail
+OUT=${OUT:-/tmp/jax_flashmla_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  [ -d /tmp/site/cutlass_library ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+[ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$PWD/.device/ffi-0.3
+nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+cells=${CELLS:+--cells $CELLS}
+fcells=${CELLS:+${CELLS//,/ }}
+
+echo "== build (FlashMLA's torch extension beside ours)"
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-8} python3 benchmarks/flashmla_same_card.py --build-only >"$OUT/flashmla_build.log" 2>&1 & fm_pid=$!
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  JAX_FLASHMLA_CUDA=ON python3 -m pip install -v --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
+  echo "ours: build rc=$?"
+fi
+wait $fm_pid; fm_rc=$?
+echo "FlashMLA: build rc=$fm_rc in $(( $(date +%s) - start ))s"; grep -E "error|registers|spill|built" "$OUT/flashmla_build.log" | head -20
+[ $fm_rc = 0 ] || { tail -40 "$OUT/flashmla_build.log"; exit 1; }
+
+for r in $(seq 1 "${ROUNDS:-2}"); do
+  echo "== round $r: ours"
+  timeout 300 python3 benchmarks/decode_bench.py $cells --steps "${STEPS:-30}" --no-xla --json "$OUT/ours_$r.json" >"$OUT/ours_$r.log" 2>&1
+  echo "rc=$?"; grep -E "^ *P[0-9]+ " "$OUT/ours_$r.log" | cut -c1-60
+  echo "== round $r: FlashMLA"
+  timeout 300 python3 benchmarks/flashmla_same_card.py $fcells --steps "${STEPS:-30}" --ours "$OUT/ours_$r.json" --out "$OUT/flashmla_$r.json" 2>&1 | tee "$OUT/flashmla_$r.log" | grep -vE "^(Emitting|Building|Loading|ninja)"
+done
+
+echo "== summary (per-layer us; ratio = FlashMLA / ours on this card, > 1: ours faster)"
+python3 - "$OUT" <<'EOF'
+import json, sys, glob, os
+out = sys.argv[1]
+fm = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "flashmla_*.json")))]
+ours = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "ours_*.json")))]
+names = [r["name"] for r in fm[0]["rows"]] if fm else []
+for n in names:
+    f = [next(r for r in d["rows"] if r["name"] == n)["us"] for d in fm]
+    o = [next(r for r in d["rows"] if r["name"] == n)["us"] for d in ours]
+    a = fm[0]["rows"][names.index(n)]["anchor_us"]
+    print(f"{n:>4} ours {' / '.join(f'{x:7.1f}' for x in o)}  FlashMLA here {' / '.join(f'{x:7.1f}' for x in f)}"
+          f"  anchor {a:7.1f}  same-card x {min(f) / max(o):.3f}-{max(f) / min(o):.3f}")
+EOF
