@@ -104,11 +104,16 @@ def build(src: Path, cutlass: Path, build_dir: Path, verbose: bool):
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch adds the -gencode flags from this list; wgmma and setmaxnreg need the "a" target.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+    # CUDA 13 keeps libcu++ (cuda/std/...), which CUTLASS includes, under include/cccl; nvcc adds
+    # it by itself, the host compiler of the binding does not.
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    cccl = [str(Path(CUDA_HOME) / "include" / "cccl")] if CUDA_HOME and (Path(CUDA_HOME) / "include" / "cccl").is_dir() else []
     start = time.perf_counter()
     ext = load(
         name="flash_mla_baseline", sources=[str(s) for s in [csrc / "flash_api.cpp", *cuda_sources]],
         extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=[str(o) for o in objects],
-        extra_include_paths=[str(cutlass), str(csrc), str(csrc / "kernels")],
+        extra_include_paths=[str(cutlass), str(csrc), str(csrc / "kernels"), *cccl],
         build_directory=str(build_dir), with_cuda=True, verbose=verbose,
     )
     print(f"built FlashMLA's extension in {time.perf_counter() - start:.0f} s "
@@ -148,8 +153,8 @@ def reference_first_request(cell: Cell, q, k_cache, table, seqlens, torch):
     return torch.einsum("thl,lv->thv", scores.softmax(-1), kv[:, :HEAD_DIM_V])
 
 
-def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
-    qs, k_cache, tables, seqlens, mean_len = make_inputs(cell, torch, dev)
+def make_step(ext, cell: Cell, qs, k_cache, tables, seqlens):
+    """One decode step of the protocol: the metadata once, then the 16 layers' calls."""
     rows = cell.s_q * cell.h_q // cell.h_kv
     scale = HEAD_DIM**-0.5
 
@@ -160,6 +165,22 @@ def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
             for i in range(LAYERS)
         ]
 
+    return step
+
+
+def timed_step(step, torch) -> float:
+    """Seconds of one step between two CUDA events."""
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    step()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / 1e3
+
+
+def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
+    qs, k_cache, tables, seqlens, mean_len = make_inputs(cell, torch, dev)
+    step = make_step(ext, cell, qs, k_cache, tables, seqlens)
     out = step()[0]
     ref = reference_first_request(cell, qs[0], k_cache, tables[0], seqlens, torch)
     x, y = out[0].float().flatten(), ref.flatten()
@@ -171,14 +192,7 @@ def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
         step()
     torch.cuda.synchronize()
     timed_from = time.time()
-    times = []
-    for _ in range(steps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        step()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
+    times = [timed_step(step, torch) for _ in range(steps)]
     timed_to = time.time()
     seconds = statistics.median(times) / LAYERS
     flops, nbytes = cell.flops_bytes(mean_len)
@@ -190,6 +204,35 @@ def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
     }
 
 
+def sustain(ext, cell: Cell, seconds: float, log: ClockLog, torch, dev) -> dict:
+    """``benchmarks/sustained.py``'s measurement for FlashMLA: the step back to back for ``seconds``
+    after two idle seconds; per-layer time, SM clock and board power over the second half."""
+    qs, k_cache, tables, seqlens, _ = make_inputs(cell, torch, dev)
+    step = make_step(ext, cell, qs, k_cache, tables, seqlens)
+    step()
+    torch.cuda.synchronize()
+    time.sleep(2.0)
+    start = time.time()
+    steps = []  # (end time, per-layer us)
+    while time.time() - start < seconds:
+        steps.append((time.time(), timed_step(step, torch) * 1e6 / LAYERS))
+    end = time.time()
+    half = start + (end - start) / 2
+    samples = [s for s in log.samples() if half <= s[0] <= end]
+    row = {
+        "name": cell.name, "seconds": seconds, "steps": len(steps),
+        "first_steps_us": statistics.median(us for _, us in steps[:30]),
+        "steady_us": statistics.median(us for t, us in steps if t >= half),
+    }
+    if samples:
+        row["sm_mhz"] = statistics.median(s[1] for s in samples)
+        row["power_w"] = statistics.median(s[2] for s in samples)
+        row["energy_mj_per_layer"] = row["power_w"] * row["steady_us"] * 1e-3
+    del qs, k_cache, tables
+    torch.cuda.empty_cache()
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cells", nargs="*", help="cell names (default: P1-P10)")
@@ -199,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--ours", type=Path, default=None, help="a decode_bench.py JSON of the same card, for the same-card ratio")
     parser.add_argument("--out", type=Path, default=None, help="JSON to write")
+    parser.add_argument("--sustain", type=float, default=0.0, help="instead: each cell back to back for this many seconds (sustained.py's measurement)")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--prebuild", action="store_true", help="only compile the CUDA files to objects (nvcc, no torch)")
     parser.add_argument("--verbose", action="store_true")
@@ -225,6 +269,21 @@ def main(argv=None) -> int:
         ours = {r["name"]: r for r in json.loads(args.ours.read_text())["rows"]}
     clock_log = ClockLog.start()
     rows = []
+    if args.sustain:
+        if clock_log is None:
+            print("--sustain needs nvidia-smi", file=sys.stderr)
+            return 1
+        try:
+            rows = [sustain(ext, CELLS[name], args.sustain, clock_log, torch, dev) for name in args.cells or ["P6"]]
+        finally:
+            clock_log.close()
+        print(f"{'cell':<5} {'steps':>6} {'first 30 us':>11} {'steady us':>10} {'SM MHz':>7} {'W':>6} {'mJ/layer':>9}  (FlashMLA)")
+        for r in rows:
+            print(f"{r['name']:<5} {r['steps']:6d} {r['first_steps_us']:11.1f} {r['steady_us']:10.1f} "
+                  f"{r.get('sm_mhz', 0):7.0f} {r.get('power_w', 0):6.1f} {r.get('energy_mj_per_layer', 0):9.3f}")
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "sustained": True, "rows": rows}, indent=1))
+        return 0
     try:
         for name in args.cells or list(CELLS):
             row = run_cell(ext, CELLS[name], args.steps, torch, dev)

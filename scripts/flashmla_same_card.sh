@@ -4,7 +4,9 @@
 # benchmarks/flashmla_same_card.py): our decode and FlashMLA itself, each timed by its own
 # benchmark on this card, alternated ours / FlashMLA / ours / FlashMLA so that a drift of the
 # card's clock between passes shows as a difference between the two passes of one side.
-#   ROUNDS (default 2), STEPS (default 30), CELLS (default: all ten).
+#   ROUNDS (default 2), STEPS (default 30), CELLS (default: all ten); SUSTAIN_CELLS (e.g. "P6 P4"):
+#   then each of those cells back to back for SUSTAIN_S seconds (default 6), ours then FlashMLA
+#   (benchmarks/sustained.py's steady state: time, SM clock, board power, energy per layer).
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
@@ -35,6 +37,12 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
   echo "rc=$?"; grep -E "^ *P[0-9]+ " "$OUT/ours_$r.log" | cut -c1-60
   echo "== round $r: FlashMLA"
   timeout 300 python3 benchmarks/flashmla_same_card.py $fcells --steps "${STEPS:-30}" --ours "$OUT/ours_$r.json" --out "$OUT/flashmla_$r.json" 2>&1 | tee "$OUT/flashmla_$r.log" | grep -vE "^(Emitting|Building|Loading|ninja)"
+done
+
+for c in ${SUSTAIN_CELLS:-}; do
+  echo "== sustained $c (${SUSTAIN_S:-6} s each): ours, then FlashMLA"
+  timeout 120 python3 benchmarks/sustained.py --cells "$c" --seconds "${SUSTAIN_S:-6}" --json "$OUT/sustained_ours_$c.json" 2>&1 | tail -2
+  timeout 120 python3 benchmarks/flashmla_same_card.py "$c" --sustain "${SUSTAIN_S:-6}" --out "$OUT/sustained_flashmla_$c.json" 2>&1 | tail -1
 done
 
 echo "== summary (per-layer us; ratio = FlashMLA / ours on this card, > 1: ours faster)"
