@@ -80,6 +80,9 @@ def prebuild(src: Path, cutlass: Path) -> int:
     csrc = src / "csrc"
     out = src / "prebuilt"
     out.mkdir(exist_ok=True)
+    # Which headers built the objects: the decode kernel's registers depend on them (with CUTLASS
+    # 4.2, nvcc 13.0 spills 438 bytes in it; with 3.8, none: benchmarks/NOTES.md, s37).
+    (out / "BUILT_WITH.txt").write_text(f"CUTLASS include: {cutlass}\nnvcc flags: {' '.join(NVCC_FLAGS + SM90A)}\n")
     for cu in sorted((csrc / "kernels").glob("*.cu")):
         cmd = ["nvcc", *NVCC_FLAGS, *SM90A, "-Xcompiler", "-fPIC", f"-I{cutlass}", f"-I{csrc}", f"-I{csrc / 'kernels'}",
                "-c", str(cu), "-o", str(out / (cu.stem + ".o"))]
@@ -313,6 +316,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({
             "what": "FlashMLA (third-party, built from --src) timed by the anchor's protocol on this card",
             "src_sources": (args.src / "SOURCES.txt").read_text() if (args.src / "SOURCES.txt").is_file() else None,
+            "prebuilt_with": (args.src / "prebuilt" / "BUILT_WITH.txt").read_text() if (args.src / "prebuilt" / "BUILT_WITH.txt").is_file() else None,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
         }, indent=1))
