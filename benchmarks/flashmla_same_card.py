@@ -10,19 +10,23 @@ file, and against FlashMLA on the same card in the same call.
 FlashMLA is third-party code and is never part of this repository. The script builds its torch
 extension just in time (``torch.utils.cpp_extension.load``) from a source tree given by ``--src``
 (default ``.device/flashmla_src``, git-ignored: ``csrc/flash_api.cpp`` and ``csrc/kernels/*.cu``),
-against the CUTLASS headers of ``--cutlass`` (default: the ``nvidia-cutlass`` wheel's). Where the
-tree is missing the script says so and exits 2.
+against the CUTLASS headers of ``--cutlass`` (default: the ``nvidia-cutlass`` wheel's). Give it
+CUTLASS 3.8 headers: with 4.2's, nvcc 13.0 spills 438 bytes in FlashMLA's decode kernel and that
+build runs 8-76% slower than the anchor (benchmarks/NOTES.md, thirty-seventh session).
+``--prebuild`` compiles the CUDA files to ``<src>/prebuilt/*.o`` with nvcc alone (no torch), so
+that the GPU machine compiles only the binding. Where the tree is missing the script says so and
+exits 2.
 
 Protocol (the anchor file's ``protocol``): per cell, one decode step = scheduler metadata once + 16
 back-to-back decode calls, each on its own q and its own block table (16 random permutations of
 one page pool); CUDA events around the step; median of ``--steps`` steps after 2 warm-up steps (as
 ``decode_bench.py`` does), divided by 16. d = 576, dv = 512, h_kv = 1, page 64, bf16; q and the
 cache are ``clamp(randn / 10, -1, 1)``; lengths from ``cells.Cell.lengths`` (the anchor's rule);
-pool of ``b * ceil(max_len / 256) * 256 / 64`` pages. A cheap correctness check of FlashMLA's first
-request's output against a float32 reference (cosine difference) guards against a broken build before any time is reported.
+pool of ``b * ceil(max_len / 256) * 256 / 64`` pages. Before any time is reported, FlashMLA's
+first request is checked against a float32 reference (cosine difference), against a broken build.
 
 Run on the device machine: ``python3 benchmarks/flashmla_same_card.py --out flashmla.json``
-(needs torch with CUDA, nvcc and ninja; the first build takes a few minutes).
+(needs torch with CUDA, nvcc and ninja), or ``scripts/flashmla_same_card.sh`` for both benchmarks.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def prebuild(src: Path, cutlass: Path) -> int:
 def build(src: Path, cutlass: Path, build_dir: Path, verbose: bool):
     """FlashMLA's torch extension for sm_90a: the binding compiled here, linked with the objects
     of ``prebuild`` where they exist, else with its CUDA files compiled here too."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
     csrc = src / "csrc"
     objects = sorted((src / "prebuilt").glob("*.o"))
@@ -109,8 +113,6 @@ def build(src: Path, cutlass: Path, build_dir: Path, verbose: bool):
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
     # CUDA 13 keeps libcu++ (cuda/std/...), which CUTLASS includes, under include/cccl; nvcc adds
     # it by itself, the host compiler of the binding does not.
-    from torch.utils.cpp_extension import CUDA_HOME
-
     cccl = [str(Path(CUDA_HOME) / "include" / "cccl")] if CUDA_HOME and (Path(CUDA_HOME) / "include" / "cccl").is_dir() else []
     start = time.perf_counter()
     ext = load(
