@@ -7,6 +7,7 @@
 #   ROUNDS (default 2), STEPS (default 30), CELLS (default: all ten); SUSTAIN_CELLS (e.g. "P6 P4"):
 #   then each of those cells back to back for SUSTAIN_S seconds (default 6), ours then FlashMLA
 #   (benchmarks/sustained.py's steady state: time, SM clock, board power, energy per layer).
+# Back from the device: same_card_all.json (every result, by file name) and same_card_logs.tgz.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
@@ -58,4 +59,9 @@ for n in names:
     a = fm[0]["rows"][names.index(n)]["anchor_us"]
     print(f"{n:>4} ours {' / '.join(f'{x:7.1f}' for x in o)}  FlashMLA here {' / '.join(f'{x:7.1f}' for x in f)}"
           f"  anchor {a:7.1f}  same-card x {min(f) / max(o):.3f}-{max(f) / min(o):.3f}")
+# Every result of the call in one file: the device tool brings back at most 8.
+every = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*.json")))}
+json.dump(every, open("/tmp/same_card_all.json", "w"), indent=1)
 EOF
+# The logs and the separate JSON files in one archive, beside the combined JSON.
+(cd "$OUT" && tar czf /tmp/same_card_logs.tgz ./* && rm -rf ./* && mv /tmp/same_card_logs.tgz /tmp/same_card_all.json . && ls)
