@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 QUERY = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,{reasons}"
@@ -63,6 +64,39 @@ def summarize(samples, start: float, end: float) -> dict | None:
         "thermal": bool(reasons & THERMAL),
         "clock_reasons": f"{reasons:#x}",
     }
+
+
+def steady_state(name: str, seconds: float, layer_us, log: "ClockLog") -> dict:
+    """One cell's step back to back for ``seconds``, after two idle seconds (so that every cell
+    starts from the same cool, full-clock state). ``layer_us()`` runs one step and returns its
+    device-timed per-layer us. Over the second half, when nvidia-smi's one-second power average
+    covers only this cell: median per-layer time, SM clock, board power and energy per layer."""
+    time.sleep(2.0)
+    start = time.time()
+    steps = []  # (end time, per-layer us)
+    while time.time() - start < seconds:
+        us = layer_us()
+        steps.append((time.time(), us))
+    end = time.time()
+    half = start + (end - start) / 2
+    samples = [s for s in log.samples() if half <= s[0] <= end]
+    row = {
+        "name": name, "seconds": seconds, "steps": len(steps),
+        "first_steps_us": statistics.median(us for _, us in steps[:30]),
+        "steady_us": statistics.median(us for t, us in steps if t >= half),
+    }
+    if samples:
+        row["sm_mhz"] = statistics.median(s[1] for s in samples)
+        row["power_w"] = statistics.median(s[2] for s in samples)
+        row["energy_mj_per_layer"] = row["power_w"] * row["steady_us"] * 1e-3
+    return row
+
+
+def print_steady_state(rows: list[dict], title: str = "") -> None:
+    print(f"{'cell':<5} {'steps':>6} {'first 30 us':>11} {'steady us':>10} {'SM MHz':>7} {'W':>6} {'mJ/layer':>9}{title}")
+    for r in rows:
+        print(f"{r['name']:<5} {r['steps']:6d} {r['first_steps_us']:11.1f} {r['steady_us']:10.1f} "
+              f"{r.get('sm_mhz', 0):7.0f} {r.get('power_w', 0):6.1f} {r.get('energy_mj_per_layer', 0):9.3f}")
 
 
 class ClockLog:

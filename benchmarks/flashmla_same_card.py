@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import CELLS, Cell, load_anchor  # noqa: E402
-from clocks import ClockLog  # noqa: E402
+from clocks import ClockLog, print_steady_state, steady_state  # noqa: E402
 
 LAYERS = 16
 HEAD_DIM = 576
@@ -210,29 +210,12 @@ def run_cell(ext, cell: Cell, steps: int, torch, dev) -> dict:
 
 
 def sustain(ext, cell: Cell, seconds: float, log: ClockLog, torch, dev) -> dict:
-    """``benchmarks/sustained.py``'s measurement for FlashMLA: the step back to back for ``seconds``
-    after two idle seconds; per-layer time, SM clock and board power over the second half."""
+    """``benchmarks/sustained.py``'s measurement (``clocks.steady_state``) for FlashMLA."""
     qs, k_cache, tables, seqlens, _ = make_inputs(cell, torch, dev)
     step = make_step(ext, cell, qs, k_cache, tables, seqlens)
     step()
     torch.cuda.synchronize()
-    time.sleep(2.0)
-    start = time.time()
-    steps = []  # (end time, per-layer us)
-    while time.time() - start < seconds:
-        steps.append((time.time(), timed_step(step, torch) * 1e6 / LAYERS))
-    end = time.time()
-    half = start + (end - start) / 2
-    samples = [s for s in log.samples() if half <= s[0] <= end]
-    row = {
-        "name": cell.name, "seconds": seconds, "steps": len(steps),
-        "first_steps_us": statistics.median(us for _, us in steps[:30]),
-        "steady_us": statistics.median(us for t, us in steps if t >= half),
-    }
-    if samples:
-        row["sm_mhz"] = statistics.median(s[1] for s in samples)
-        row["power_w"] = statistics.median(s[2] for s in samples)
-        row["energy_mj_per_layer"] = row["power_w"] * row["steady_us"] * 1e-3
+    row = steady_state(cell.name, seconds, lambda: timed_step(step, torch) * 1e6 / LAYERS, log)
     del qs, k_cache, tables
     torch.cuda.empty_cache()
     return row
@@ -282,10 +265,7 @@ def main(argv=None) -> int:
             rows = [sustain(ext, CELLS[name], args.sustain, clock_log, torch, dev) for name in args.cells or ["P6"]]
         finally:
             clock_log.close()
-        print(f"{'cell':<5} {'steps':>6} {'first 30 us':>11} {'steady us':>10} {'SM MHz':>7} {'W':>6} {'mJ/layer':>9}  (FlashMLA)")
-        for r in rows:
-            print(f"{r['name']:<5} {r['steps']:6d} {r['first_steps_us']:11.1f} {r['steady_us']:10.1f} "
-                  f"{r.get('sm_mhz', 0):7.0f} {r.get('power_w', 0):6.1f} {r.get('energy_mj_per_layer', 0):9.3f}")
+        print_steady_state(rows, "  (FlashMLA)")
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "sustained": True, "rows": rows}, indent=1))
         return 0

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
 
 from jax_flashmla import _devtime
 from cells import parse_cell
-from clocks import ClockLog
+from clocks import ClockLog, print_steady_state, steady_state
 from decode_bench import LAYERS, Timer, flashmla_step, make_inputs
 
 
@@ -33,26 +31,12 @@ def run(cell_name: str, seconds: float, log: ClockLog) -> dict:
     inputs = make_inputs(cell, jax.numpy.bfloat16)
     compiled, _ = timer.compile(flashmla_step(cell), inputs)
     jax.block_until_ready(compiled(*inputs))
-    time.sleep(2.0)  # idle first, so every cell starts from the same (cool, full-clock) state
-    start = time.time()
-    steps = []  # (end time, per-layer us)
-    while time.time() - start < seconds:
+
+    def layer_us() -> float:
         jax.block_until_ready(compiled(*inputs))
-        steps.append((time.time(), _devtime.elapsed_ms() * 1e3 / LAYERS))
-    end = time.time()
-    half = start + (end - start) / 2
-    late = [us for t, us in steps if t >= half]
-    samples = [s for s in log.samples() if half <= s[0] <= end]
-    row = {
-        "name": cell.name, "seconds": seconds, "steps": len(steps),
-        "first_steps_us": statistics.median(us for _, us in steps[:30]),
-        "steady_us": statistics.median(late),
-    }
-    if samples:
-        row["sm_mhz"] = statistics.median(s[1] for s in samples)
-        row["power_w"] = statistics.median(s[2] for s in samples)
-        row["energy_mj_per_layer"] = row["power_w"] * row["steady_us"] * 1e-3
-    return row
+        return _devtime.elapsed_ms() * 1e3 / LAYERS
+
+    return steady_state(cell.name, seconds, layer_us, log)
 
 
 def main(argv=None) -> int:
@@ -72,10 +56,7 @@ def main(argv=None) -> int:
         rows = [run(name.strip(), args.seconds, log) for name in args.cells.split(",")]
     finally:
         log.close()
-    print(f"{'cell':<5} {'steps':>6} {'first 30 us':>11} {'steady us':>10} {'SM MHz':>7} {'W':>6} {'mJ/layer':>9}")
-    for r in rows:
-        print(f"{r['name']:<5} {r['steps']:6d} {r['first_steps_us']:11.1f} {r['steady_us']:10.1f} "
-              f"{r.get('sm_mhz', 0):7.0f} {r.get('power_w', 0):6.1f} {r.get('energy_mj_per_layer', 0):9.3f}")
+    print_steady_state(rows)
     if args.json:
         args.json.write_text(json.dumps({"device": jax.devices()[0].device_kind, "rows": rows}, indent=1))
     return 0
