@@ -46,6 +46,10 @@ class Cell:
         return f"b={self.b} s_q={self.s_q} h_q={self.h_q} s_k={self.s_k}{flags}"
 
 
+# Layers of one timed decode step (the protocol: metadata once + one decode call per layer).
+LAYERS = 16
+
+
 # P1-P10, as in the anchor file (kept here so the benchmark runs without it).
 CELLS = {
     c.name: c

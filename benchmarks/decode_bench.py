@@ -30,11 +30,10 @@ import numpy as np
 
 import jax_flashmla as jf
 from jax_flashmla import _devtime, _ffi
-from cells import CELLS, CPU_CELLS, Cell, load_anchor, parse_cell
+from cells import CELLS, CPU_CELLS, LAYERS, Cell, load_anchor, parse_cell
 from clocks import ClockLog
 from xla_baseline import xla_einsum_decode
 
-LAYERS = 16
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

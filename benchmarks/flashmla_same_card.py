@@ -43,10 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import CELLS, Cell, load_anchor  # noqa: E402
+from cells import CELLS, LAYERS, Cell, load_anchor  # noqa: E402
 from clocks import ClockLog, print_steady_state, steady_state  # noqa: E402
 
-LAYERS = 16
 HEAD_DIM = 576
 HEAD_DIM_V = 512
 PAGE = 64
