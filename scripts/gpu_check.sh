@@ -27,13 +27,7 @@ PHASES=${PHASES:-tests nn suite grid sanitizer bench}
 declare -A status
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 
-# Installed once per machine: a second gpu_check.sh beside the first must not rewrite the headers
-# that the first one is compiling against.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  [ -d /tmp/site/cutlass_library ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-[ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$PWD/.device/ffi-0.3
+source scripts/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then  # SKIP_BUILD=1: a second call on the same warm machine
