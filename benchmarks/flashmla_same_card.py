@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prebuild", action="store_true", help="only compile the CUDA files to objects (nvcc, no torch)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    unknown = [c for c in args.cells if c not in CELLS]
+    if unknown:
+        parser.error(f"unknown cells {unknown}: choose among {', '.join(CELLS)}")
 
     if not (args.src / "csrc" / "flash_api.cpp").is_file():
         print(f"no FlashMLA source tree at {args.src} (csrc/flash_api.cpp): nothing to measure", file=sys.stderr)
