@@ -17,6 +17,12 @@ build runs 8-76% slower than the anchor (benchmarks/NOTES.md, thirty-seventh ses
 that the GPU machine compiles only the binding. Where the tree is missing the script says so and
 exits 2.
 
+The tree is checked against ``benchmarks/flashmla_sources.json`` (each file's repository, path and
+commit in the public code index, its length and sha256) before anything is built or timed: a file
+that differs makes the script exit 2 naming it, so that a tree reassembled in a new checkout is
+the one measured before (``--unverified-src`` builds another tree anyway, and the JSON says so).
+``--list-sources`` prints where each file comes from.
+
 Protocol (the anchor file's ``protocol``): per cell, one decode step = scheduler metadata once + 16
 back-to-back decode calls, each on its own q and its own block table (16 random permutations of
 one page pool); CUDA events around the step; median of ``--steps`` steps after 2 warm-up steps (as
@@ -32,6 +38,7 @@ Run on the device machine: ``python3 benchmarks/flashmla_same_card.py --out flas
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -54,6 +61,30 @@ REPO = Path(__file__).resolve().parents[1]
 # float32 reference: the outputs are averages of thousands of small values (~1e-3), where an
 # absolute bound would pass garbage.
 CHECK_COS_DIFF = 5e-6
+
+
+SOURCES = Path(__file__).resolve().parent / "flashmla_sources.json"
+
+
+def check_sources(src: Path) -> list[str]:
+    """What differs between the tree at ``src`` and ``flashmla_sources.json``: one line per missing
+    or different file (empty when every listed file is there with its sha256)."""
+    problems = []
+    for f in json.loads(SOURCES.read_text())["files"]:
+        path = src / f["file"]
+        if not path.is_file():
+            problems.append(f"{f['file']}: missing ({f['repo']}@{f['commit'][:7]}:{f['path']}, {f['chars']} chars)")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != f["sha256"]:
+            problems.append(f"{f['file']}: differs from {f['repo']}@{f['commit'][:7]}:{f['path']} "
+                            f"({len(path.read_bytes().decode(errors='replace'))} chars here, {f['chars']} listed)")
+    return problems
+
+
+def list_sources() -> None:
+    doc = json.loads(SOURCES.read_text())
+    for f in doc["files"]:
+        print(f"{f['file']:<34} {f['repo']:<22} {f['commit']} {f['path']:<32} {f['chars']:>6} {f['sha256'][:16]}")
+    print(*doc["notes"], sep="\n")
 
 
 def default_cutlass() -> Path | None:
@@ -232,8 +263,13 @@ def main(argv=None) -> int:
     parser.add_argument("--sustain", type=float, default=0.0, help="instead: each cell back to back for this many seconds (sustained.py's measurement)")
     parser.add_argument("--build-only", action="store_true")
     parser.add_argument("--prebuild", action="store_true", help="only compile the CUDA files to objects (nvcc, no torch)")
+    parser.add_argument("--unverified-src", action="store_true", help="build a tree that differs from flashmla_sources.json")
+    parser.add_argument("--list-sources", action="store_true", help="print where each file of the tree comes from, and exit")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.list_sources:
+        list_sources()
+        return 0
     unknown = [c for c in args.cells if c not in CELLS]
     if unknown:
         parser.error(f"unknown cells {unknown}: choose among {', '.join(CELLS)}")
@@ -241,6 +277,12 @@ def main(argv=None) -> int:
     if not (args.src / "csrc" / "flash_api.cpp").is_file():
         print(f"no FlashMLA source tree at {args.src} (csrc/flash_api.cpp): nothing to measure", file=sys.stderr)
         return 2
+    problems = check_sources(args.src)
+    if problems:
+        print(f"the FlashMLA tree at {args.src} is not the listed one ({SOURCES.name}):", *problems, sep="\n  ", file=sys.stderr)
+        if not args.unverified_src:
+            print("reassemble it (--list-sources), or pass --unverified-src to build it anyway", file=sys.stderr)
+            return 2
     cutlass = args.cutlass or default_cutlass()
     if cutlass is None:
         print("no CUTLASS headers: pass --cutlass or install the nvidia-cutlass wheel", file=sys.stderr)
@@ -300,6 +342,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({
             "what": "FlashMLA (third-party, built from --src) timed by the anchor's protocol on this card",
             "src_sources": (args.src / "SOURCES.txt").read_text() if (args.src / "SOURCES.txt").is_file() else None,
+            "src_verified": not problems, "src_differences": problems,
             "prebuilt_with": (args.src / "prebuilt" / "BUILT_WITH.txt").read_text() if (args.src / "prebuilt" / "BUILT_WITH.txt").is_file() else None,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,

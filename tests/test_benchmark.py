@@ -134,3 +134,19 @@ def test_flashmla_same_card_says_what_is_missing(tmp_path):
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no FlashMLA source tree" in proc.stderr
+
+
+def test_flashmla_same_card_refuses_a_tree_that_is_not_the_listed_one(tmp_path):
+    # A tree reassembled in a new checkout must be the one measured before: every file of
+    # flashmla_sources.json is checked by sha256 before anything is built, and the first file that
+    # differs (here: a stand-in binding, every other file missing) is named, with exit 2.
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "flash_api.cpp").write_text("// not FlashMLA's binding\n")
+    script = str(REPO / "benchmarks" / "flashmla_same_card.py")
+    proc = subprocess.run([sys.executable, script, "--src", str(tmp_path), "--prebuild"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "csrc/flash_api.cpp: differs from deepseek-ai/FlashMLA@287061e" in proc.stderr
+    assert "csrc/kernels/splitkv_mla.cu: missing" in proc.stderr
+    listed = subprocess.run([sys.executable, script, "--list-sources"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "csrc/kernels/splitkv_mla.cu" in listed.stdout
