@@ -55,6 +55,19 @@ for n in names:
     a = fm[0]["rows"][names.index(n)]["anchor_us"]
     print(f"{n:>4} ours {' / '.join(f'{x:7.1f}' for x in o)}  FlashMLA here {' / '.join(f'{x:7.1f}' for x in f)}"
           f"  anchor {a:7.1f}  same-card x {min(f) / max(o):.3f}-{max(f) / min(o):.3f}")
+# Is this FlashMLA build a baseline? On the cells that ran below the power cap, its time depends
+# on the kernel and the memory system, not on the card's power binning: it must repeat the
+# anchor's there (within 3%) before any same-card ratio means something (NOTES, s37).
+if fm:
+    devs = {}
+    for row in fm[0]["rows"]:
+        capped = row.get("power_cap") if row.get("clock_samples") else row["name"] in ("P4", "P5", "P6")
+        if not capped and row.get("anchor_us"):
+            devs[row["name"]] = min(d["rows"][names.index(row["name"])]["us"] for d in fm) / row["anchor_us"] - 1  # its best pass
+    if devs:
+        worst = max(abs(v) for v in devs.values())
+        print("FlashMLA here vs anchor below the power cap: " + ", ".join(f"{n} {v:+.1%}" for n, v in devs.items())
+              + f" -> {'a baseline' if worst <= 0.03 else 'NOT a baseline'} (max {worst:.1%}; bar 3%)")
 # Every result of the call in one file: the device tool brings back at most 8.
 every = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "*.json")))}
 json.dump(every, open("/tmp/same_card_all.json", "w"), indent=1)
