@@ -30,9 +30,8 @@ AB_CELLS=${AB_CELLS:-P1,P2,P3,P4,P5,P6,P7,P8,P9,P10}
 AB_STEPS=${AB_STEPS:-10}
 ROOT=$PWD
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/cutlass  # cutlass_library: the CUTLASS/CuTe headers for every build
-[ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$ROOT/.device/ffi-0.3
+source scripts/device_env.sh
+: "${CUTLASS_INCLUDE:?carry .whl: the nvidia-cutlass wheel}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 # Power limit, clocks and clock-event counters before the runs (each cell's own SM clock is in its
 # JSON row: decode_bench.py logs it).

@@ -11,9 +11,8 @@
 set -uo pipefail
 log=${OUT:-/tmp}/kernel_check.log
 : > "$log"
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-cutlass_include=/tmp/site/cutlass_library/source/include
+source scripts/device_env.sh
+cutlass_include=${CUTLASS_INCLUDE:?carry .whl: the nvidia-cutlass wheel}
 nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Icpp -isystem "$cutlass_include" \
   -o /tmp/phase_probe benchmarks/probes/phase_probe.cu cpp/scheduler/mla_metadata.cu >/tmp/phase_probe_build.log 2>&1 &
 probe_build=$!

@@ -15,9 +15,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/jax_flashmla_out}
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cutlass .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/cutlass
-[ -d .device/ffi-0.3 ] && export JAX_FLASHMLA_FFI_INCLUDE_DIR=$PWD/.device/ffi-0.3
+source scripts/device_env.sh
 STALLS=regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio
 build() {  # build DIR TARGET
   (cd "$1" && JAX_FLASHMLA_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps --target "$2" . \

@@ -10,8 +10,8 @@
 #   order with 2 early tiles, and the tensor work alone (no refills, no softmax) of each order.
 #   The most telling variants come first: a call cut short still returns them.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-include=/tmp/site/cutlass_library/source/include
+source scripts/device_env.sh
+include=${CUTLASS_INCLUDE:?carry .whl: the nvidia-cutlass wheel}
 IFS=';' read -r -a variants <<<"${PROTO_VARIANTS:--DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE;-DPROTO_TIMELINE;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_TIMELINE -DPROTO_EARLY_TILES=2;-DPROTO_TIMELINE -DPROTO_NO_REFILL;-DPROTO_DOUBLE_S -DPROTO_S_REGS=168 -DPROTO_PROD_REGS=24 -DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX;-DPROTO_NO_REFILL -DPROTO_SKIP_SOFTMAX}"
 # PROTO_PREBUILD=1 (here, on the development machine): only build, into .device/proto (carried to
 # the device with .device; the binaries need only the driver there), so that the device call
