@@ -150,3 +150,31 @@ def test_flashmla_same_card_refuses_a_tree_that_is_not_the_listed_one(tmp_path):
     assert "csrc/kernels/splitkv_mla.cu: missing" in proc.stderr
     listed = subprocess.run([sys.executable, script, "--list-sources"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "csrc/kernels/splitkv_mla.cu" in listed.stdout
+
+
+def test_sass_loops_reads_a_block_loop():
+    # A made-up listing in nvdisasm's format: one outer loop around a block loop of two wgmma (one
+    # with A in shared memory, one with A in registers). The block loop is the shortest range that
+    # holds the wgmma; the operand bytes are A (smem only) + B of each.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sass_loops
+
+    listing = "\n".join([
+        ".text._Z6kernelv:",
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        ".L_x_1:",
+        "        /*0010*/                   IMAD R2, R3, R4, R5 ;",
+        ".L_x_2:",
+        "        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;",
+        "        /*0030*/                   HGMMA.64x256x16.F32.BF16 R24, R8, gdesc[UR8], R24 ;",
+        "        /*0040*/                   FMUL R6, R6, R7 ;",
+        "        /*0050*/               @P0 BRA `(.L_x_2) ;",
+        "        /*0060*/               @P1 BRA `(.L_x_1) ;",
+        "        /*0070*/                   EXIT ;",
+    ])
+    insts, labels = sass_loops.function(listing, "kernel")
+    assert sass_loops.loops(insts, labels) == [(2, 5)]
+    r = sass_loops.report(insts, 2, 5)
+    assert r["hgmma"] == {"64x64x16 A=smem": 1, "64x256x16 A=regs": 1}
+    assert r["smem_operand_bytes"] == (64 * 16 + 64 * 16) * 2 + 256 * 16 * 2
+    assert r["families"]["softmax ALU"] == 1 and r["instructions"] == 4
