@@ -4,7 +4,8 @@ Static evidence for the notes, for two kernels compiled here (no GPU): which wgm
 loop issues, whether each one's A operand comes from registers or shared memory, the shared-memory
 operand bytes those reads add up to, and the loop's instruction mix (softmax ALU, integer and
 uniform-datapath work, barriers). Loops are the backward branches of the disassembly; the listed
-ones are, for each wgmma, the shortest loop that holds it.
+ones are, for each wgmma, the shortest loop that holds it. The counts are static: code under a
+branch inside the loop (a mask that only the last blocks take) counts as if every pass ran it.
 
 Usage (sm_90a cubins; nvdisasm from the ``nvidia-cuda-nvdisasm`` wheel when it is not on PATH):
 
