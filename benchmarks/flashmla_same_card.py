@@ -311,7 +311,8 @@ def main(argv=None) -> int:
             clock_log.close()
         print_steady_state(rows, "  (FlashMLA)")
         if args.out:
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "sustained": True, "rows": rows}, indent=1))
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "sustained": True, "src_verified": not problems,
+                                           "src_differences": problems, "rows": rows}, indent=1))
         return 0
     try:
         for name in args.cells or list(CELLS):
