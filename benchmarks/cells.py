@@ -15,6 +15,10 @@ ANCHOR_CANDIDATES = (
     Path(__file__).resolve().parents[1] / ".device" / "anchors" / "flashmla-h100.json",
 )
 
+# The anchor's page pool: tokens per page, and the multiple of tokens every request's pages round to.
+PAGE_TOKENS = 64
+POOL_ROUND_TOKENS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
@@ -33,6 +37,11 @@ class Cell:
             return np.full(self.b, self.s_k, np.int32)
         g = random.Random(0)
         return np.array([max(int(g.normalvariate(self.s_k, self.s_k / 2)), self.s_q) for _ in range(self.b)], np.int32)
+
+    def pages_per_request(self, lengths: np.ndarray) -> int:
+        """Block-table width of the anchor's page pool: every request gets the longest length,
+        rounded up to 256 tokens, in pages; the pool holds ``b`` times that many pages."""
+        return -(-max(int(lengths.max()), 1) // POOL_ROUND_TOKENS) * POOL_ROUND_TOKENS // PAGE_TOKENS
 
     def flops_bytes(self, mean_len: float) -> tuple[float, float]:
         """The contract's formulas (causal masking not subtracted)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
@@ -108,7 +107,7 @@ def measure_ceilings(timer: Timer, on_gpu: bool, steps: int) -> dict:
 def make_inputs(cell: Cell, dtype, seed: int = 0):
     """Cache pages, 16 layers' queries and block tables, lengths; pool size as in the anchor."""
     lengths = cell.lengths()
-    pages_per_seq = math.ceil(max(int(lengths.max()), 1) / 256) * 256 // 64
+    pages_per_seq = cell.pages_per_request(lengths)
     num_pages = cell.b * pages_per_seq
     key = jax.random.key(seed)
     k1, k2, k3 = jax.random.split(key, 3)

@@ -50,12 +50,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import CELLS, LAYERS, Cell, load_anchor  # noqa: E402
+from cells import CELLS, LAYERS, PAGE_TOKENS, Cell, load_anchor  # noqa: E402
 from clocks import ClockLog, print_steady_state, steady_state  # noqa: E402
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
-PAGE = 64
 REPO = Path(__file__).resolve().parents[1]
 # The contract's cosine-difference bound (design section 7) for FlashMLA's first request against a
 # float32 reference: the outputs are averages of thousands of small values (~1e-3), where an
@@ -158,14 +157,14 @@ def build(src: Path, cutlass: Path, build_dir: Path, verbose: bool):
 
 def make_inputs(cell: Cell, torch, dev):
     lengths = cell.lengths()
-    pages_per_seq = math.ceil(max(int(lengths.max()), 1) / 256) * 256 // PAGE
+    pages_per_seq = cell.pages_per_request(lengths)
     num_pages = cell.b * pages_per_seq
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def randn(*shape):
         return (torch.randn(*shape, generator=gen, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
 
-    k_cache = randn(num_pages, PAGE, cell.h_kv, HEAD_DIM)
+    k_cache = randn(num_pages, PAGE_TOKENS, cell.h_kv, HEAD_DIM)
     qs = [randn(cell.b, cell.s_q, cell.h_q, HEAD_DIM) for _ in range(LAYERS)]
     tables = [
         torch.randperm(num_pages, generator=gen, device=dev).view(cell.b, pages_per_seq).to(torch.int32)
@@ -178,7 +177,7 @@ def make_inputs(cell: Cell, torch, dev):
 def reference_first_request(cell: Cell, q, k_cache, table, seqlens, torch):
     """Attention of request 0 in float32 (its causal mask: query token t sees L - s_q + t + 1 keys)."""
     length = int(seqlens[0])
-    pages = table[0, : math.ceil(length / PAGE)].long()
+    pages = table[0, : math.ceil(length / PAGE_TOKENS)].long()
     kv = k_cache[pages].reshape(-1, cell.h_kv, HEAD_DIM)[:length, 0].float()  # [L, 576], h_kv = 1
     qf = q[0].float()  # [s_q, h_q, 576]
     scores = torch.einsum("thd,ld->thl", qf, kv) * HEAD_DIM**-0.5

@@ -20,9 +20,9 @@ from pathlib import Path
 import jax
 
 from jax_flashmla import _devtime
-from cells import parse_cell
+from cells import LAYERS, parse_cell
 from clocks import ClockLog, print_steady_state, steady_state
-from decode_bench import LAYERS, Timer, flashmla_step, make_inputs
+from decode_bench import Timer, flashmla_step, make_inputs
 
 
 def run(cell_name: str, seconds: float, log: ClockLog) -> dict:
